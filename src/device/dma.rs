@@ -1,0 +1,2217 @@
+//! The DMA controller: the table of guest memory regions a client has
+//! registered with `VFIO_USER_DMA_MAP`, address translation into
+//! scatter/gather entries, direct access to that memory, and dirty page
+//! logging for live migration.
+//!
+//! Design:
+//!
+//! * Regions live in a `BTreeMap` keyed by their first IOVA, behind an
+//!   `RwLock`. Map/unmap take the write lock; everything on the I/O path
+//!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) only
+//!   takes the read lock, so device threads run concurrently with each other.
+//! * Each thread remembers the last region it translated into, tagged with a
+//!   process-wide unique "generation" of the region table. While the table is
+//!   unchanged a translation that falls in the remembered region needs no lock
+//!   and no tree walk at all.
+//! * A [`DmaSg`] names its region by a never-reused identifier plus the
+//!   region's start address. Every use re-validates both against the table
+//!   (an `O(log n)` lookup), so an entry for a region that was unmapped, or a
+//!   made-up entry, yields an errno instead of touching freed memory.
+//! * Dirty bitmaps are arrays of `AtomicU64`, set with `fetch_or` under the
+//!   read lock and harvested with `swap`, one 64-page word at a time.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Errno, Result};
+
+/// Largest DMA region a client may register, as upstream: 8 TiB on 64-bit
+/// hosts.
+#[cfg(target_pointer_width = "64")]
+pub const MAX_DMA_SIZE: u64 = 8 << 40;
+/// Largest DMA region a client may register on 32-bit hosts.
+#[cfg(not(target_pointer_width = "64"))]
+pub const MAX_DMA_SIZE: u64 = u32::MAX as u64;
+
+/// One scatter/gather entry, laid out exactly like upstream's
+/// `struct dma_sg` so that C callers can allocate arrays of it
+/// (`dma_sg_size()` reports its size).
+///
+/// `dma_addr` is the IOVA where the region starts and `offset` the offset of
+/// the described range within that region, so the range's IOVA is
+/// `dma_addr + offset`. `region` is an opaque identifier of the region; it is
+/// never 0 for a valid entry and never reused, and its low 32 bits are never
+/// all zero (some callers only look at those).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DmaSg {
+    /// IOVA of the start of the region.
+    pub dma_addr: *mut c_void,
+    /// Opaque region identifier (0 means "none").
+    pub region: usize,
+    /// Length of the described range.
+    pub length: u64,
+    /// Offset of the range within the region.
+    pub offset: u64,
+    /// Whether the range was translated for writing.
+    pub writeable: bool,
+}
+
+impl Default for DmaSg {
+    fn default() -> Self {
+        DmaSg {
+            dma_addr: std::ptr::null_mut(),
+            region: 0,
+            length: 0,
+            offset: 0,
+            writeable: false,
+        }
+    }
+}
+
+impl DmaSg {
+    /// IOVA of the start of the described range.
+    pub fn iova(&self) -> u64 {
+        (self.dma_addr as usize as u64).wrapping_add(self.offset)
+    }
+}
+
+/// Description of a DMA region handed to the device's register/unregister
+/// callbacks, laid out exactly like upstream's `vfu_dma_info_t`.
+///
+/// `vaddr` is where the region's first byte is mapped in this process (null
+/// when the region is not mapped), `mapping` the whole (page-aligned) mapping
+/// that contains it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DmaInfo {
+    /// Guest IOVA range of the region.
+    pub iova: libc::iovec,
+    /// Local address of the region's first byte, or null.
+    pub vaddr: *mut c_void,
+    /// The local mapping containing the region, or `{null, 0}`.
+    pub mapping: libc::iovec,
+    /// Page size of the backing (max of the system page size and the file's
+    /// block size).
+    pub page_size: usize,
+    /// `PROT_READ` / `PROT_WRITE` bits the client granted.
+    pub prot: u32,
+}
+
+impl DmaInfo {
+    /// First IOVA of the region.
+    pub fn iova_start(&self) -> u64 {
+        self.iova.iov_base as usize as u64
+    }
+
+    /// Length of the region in bytes.
+    pub fn iova_len(&self) -> u64 {
+        self.iova.iov_len as u64
+    }
+}
+
+impl PartialEq for DmaInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.iova.iov_base == other.iova.iov_base
+            && self.iova.iov_len == other.iova.iov_len
+            && self.vaddr == other.vaddr
+            && self.mapping.iov_base == other.mapping.iov_base
+            && self.mapping.iov_len == other.mapping.iov_len
+            && self.page_size == other.page_size
+            && self.prot == other.prot
+    }
+}
+
+impl Eq for DmaInfo {}
+
+impl fmt::Debug for DmaInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaInfo")
+            .field("iova", &(self.iova.iov_base, self.iova.iov_len))
+            .field("vaddr", &self.vaddr)
+            .field("mapping", &(self.mapping.iov_base, self.mapping.iov_len))
+            .field("page_size", &self.page_size)
+            .field("prot", &self.prot)
+            .finish()
+    }
+}
+
+/// Failure of [`DmaController::addr_to_sgl`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SglError {
+    /// The translation failed with this errno.
+    Errno(Errno),
+    /// The output array is too small; this many entries are needed. (The C
+    /// API reports this as `-n - 1`.)
+    NeedMore(usize),
+}
+
+impl From<Errno> for SglError {
+    fn from(e: Errno) -> Self {
+        SglError::Errno(e)
+    }
+}
+
+impl fmt::Display for SglError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SglError::Errno(e) => write!(f, "{e}"),
+            SglError::NeedMore(n) => write!(f, "{n} scatter/gather entries needed"),
+        }
+    }
+}
+
+impl std::error::Error for SglError {}
+
+/// Number of bytes of a dirty bitmap covering `len` bytes at `page_size`
+/// granularity: one bit per (started) page, rounded up to whole 64-bit words,
+/// as upstream computes it. `EINVAL` for a zero page size or a length shorter
+/// than one page.
+pub fn bitmap_size(len: u64, page_size: u64) -> Result<usize> {
+    if page_size == 0 || len < page_size {
+        return Err(Errno::EINVAL);
+    }
+    let pages = len / page_size + u64::from(len % page_size != 0);
+    let bytes = pages.div_ceil(64).checked_mul(8).ok_or(Errno::EINVAL)?;
+    usize::try_from(bytes).map_err(|_| Errno::EINVAL)
+}
+
+/// How the server reaches a region's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AccessMode {
+    /// No fd: only through VFIO_USER_DMA_READ/WRITE messages.
+    Message,
+    /// The fd is mapped into this process.
+    Mmap,
+    /// `pread`/`pwrite` on the fd.
+    FileIo,
+}
+
+/// What makes two fds "the same file" for an identical re-map: device,
+/// inode and open flags (upstream's fallback criterion when `kcmp` is not
+/// available; we always use it so that mmap'ed regions need not keep their
+/// fd open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    flags: i32,
+}
+
+impl FileIdentity {
+    fn of(fd: &OwnedFd) -> Result<FileIdentity> {
+        // SAFETY: `stat` is plain old data, so all-zero is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: F_GETFL on an open fd takes no further arguments.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags == -1 {
+            return Err(Errno::last());
+        }
+        Ok(FileIdentity {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            flags,
+        })
+    }
+}
+
+/// A private shared mapping of a region's fd; unmapped on drop.
+struct Mapping {
+    base: usize,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly what a successful mmap returned and
+        // nothing else unmaps them; every user of the memory goes through the
+        // region table, from which the owning region was removed first.
+        unsafe {
+            libc::munmap(self.base as *mut c_void, self.len);
+        }
+    }
+}
+
+/// One registered region.
+struct Region {
+    id: usize,
+    iova: u64,
+    len: u64,
+    prot: i32,
+    mode: AccessMode,
+    /// Offset of the region in its file.
+    file_offset: u64,
+    page_size: usize,
+    mapping: Option<Mapping>,
+    /// Local address of the first byte (0 when not mapped).
+    vaddr: usize,
+    /// Kept only for FILE_IO regions (shared so that I/O can run without the
+    /// table lock held).
+    fd: Option<Arc<OwnedFd>>,
+    identity: Option<FileIdentity>,
+    /// One bit per logging page while dirty page logging is on.
+    dirty: Option<Box<[AtomicU64]>>,
+}
+
+impl Region {
+    fn end(&self) -> u64 {
+        // Cannot overflow: checked when the region was added.
+        self.iova + self.len
+    }
+
+    fn info(&self) -> DmaInfo {
+        let (map_base, map_len) = match &self.mapping {
+            Some(m) => (m.base, m.len),
+            None => (0, 0),
+        };
+        DmaInfo {
+            iova: libc::iovec {
+                iov_base: self.iova as usize as *mut c_void,
+                iov_len: self.len as usize,
+            },
+            vaddr: self.vaddr as *mut c_void,
+            mapping: libc::iovec {
+                iov_base: map_base as *mut c_void,
+                iov_len: map_len,
+            },
+            page_size: self.page_size,
+            prot: self.prot as u32,
+        }
+    }
+
+    /// Sets the dirty bits of the pages touched by `[offset, offset + len)`
+    /// (offsets within the region). No-op without a bitmap.
+    fn mark_dirty(&self, offset: u64, len: u64, page_size: u64) {
+        let Some(bits) = &self.dirty else { return };
+        if len == 0 || page_size == 0 {
+            return;
+        }
+        let Some(end) = offset.checked_add(len) else {
+            return;
+        };
+        let first = offset / page_size;
+        let last = end.div_ceil(page_size);
+        set_bits(bits, first, last);
+    }
+}
+
+/// Atomically sets bits `[first, last)` of `words`, clipped to its size.
+fn set_bits(words: &[AtomicU64], first: u64, last: u64) {
+    let total = (words.len() as u64).saturating_mul(64);
+    let last = last.min(total);
+    if first >= last {
+        return;
+    }
+    let w_first = first / 64;
+    let w_last = (last - 1) / 64;
+    for w in w_first..=w_last {
+        let lo = if w == w_first { first % 64 } else { 0 };
+        let hi = if w == w_last { (last - 1) % 64 + 1 } else { 64 };
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        if let Some(word) = usize::try_from(w).ok().and_then(|i| words.get(i)) {
+            word.fetch_or(mask, Ordering::Release);
+        }
+    }
+}
+
+/// Allocates `n` zeroed atomic words without touching the memory (the
+/// allocator hands out lazily zeroed pages for big sizes), reporting failure
+/// as `ENOMEM` instead of aborting.
+fn zeroed_words(n: usize) -> Result<Box<[AtomicU64]>> {
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).map_err(|_| Errno::ENOMEM)?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut AtomicU64;
+    if ptr.is_null() {
+        return Err(Errno::ENOMEM);
+    }
+    // SAFETY: `ptr` is a fresh allocation of exactly `n` AtomicU64 with the
+    // global allocator and the layout `Box<[AtomicU64]>` uses; all-zero bytes
+    // are a valid AtomicU64 (it has the same representation as u64).
+    Ok(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) })
+}
+
+fn dirty_bitmap_for(len: u64, page_size: u64) -> Result<Box<[AtomicU64]>> {
+    let pages = len.div_ceil(page_size);
+    let words = usize::try_from(pages.div_ceil(64)).map_err(|_| Errno::ENOMEM)?;
+    zeroed_words(words)
+}
+
+fn system_page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as usize
+    } else {
+        4096
+    }
+}
+
+/// The page size for a region backed by `fd`: the larger of the system page
+/// size and the file's block size (hugetlbfs reports its huge page size), as
+/// upstream. A block size that is not a multiple of the system page size
+/// cannot be used to align a mapping, so it is ignored.
+fn fd_page_size(fd: &OwnedFd) -> Result<usize> {
+    let sys = system_page_size();
+    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and `st` is a valid out pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let blk = usize::try_from(st.st_blksize).map_err(|_| Errno::EINVAL)?;
+    if blk > sys && blk % sys == 0 {
+        Ok(blk)
+    } else {
+        Ok(sys)
+    }
+}
+
+/// Process-wide source of region table generations, so that a generation
+/// identifies one shape of one controller's table and a thread's cached
+/// translation can never be mistaken for another controller's.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+/// Process-wide source of region identifiers.
+static NEXT_REGION_ID: AtomicUsize = AtomicUsize::new(1);
+
+fn new_generation() -> u64 {
+    NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
+fn new_region_id() -> usize {
+    loop {
+        let id = NEXT_REGION_ID.fetch_add(1, Ordering::Relaxed);
+        // C callers (and upstream's Python bindings) may read the field as a
+        // 32-bit int; keep that part non-zero too.
+        if id as u32 != 0 {
+            return id;
+        }
+    }
+}
+
+/// The last region a thread translated into.
+#[derive(Clone, Copy)]
+struct Hint {
+    generation: u64,
+    start: u64,
+    len: u64,
+    id: usize,
+    prot: i32,
+}
+
+thread_local! {
+    static HINT: Cell<Hint> = const {
+        Cell::new(Hint { generation: 0, start: 0, len: 0, id: 0, prot: 0 })
+    };
+}
+
+struct Inner {
+    regions: BTreeMap<u64, Region>,
+    /// Logging page size, 0 when not logging.
+    dirty_page_size: u64,
+}
+
+/// The DMA controller of one device context. `Send + Sync`: every method
+/// takes `&self`.
+pub struct DmaController {
+    inner: RwLock<Inner>,
+    max_regions: usize,
+    max_size: u64,
+    /// Current generation of the region table (see [`NEXT_GENERATION`]).
+    generation: AtomicU64,
+    /// Copy of `Inner::dirty_page_size` readable without the lock, to make
+    /// `sgl_put` free when not logging.
+    logging_page_size: AtomicU64,
+}
+
+impl fmt::Debug for DmaController {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaController")
+            .field("regions", &self.region_count())
+            .field("max_regions", &self.max_regions)
+            .field(
+                "logging_page_size",
+                &self.logging_page_size.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+/// Finds the region whose range contains `addr`.
+fn containing(regions: &BTreeMap<u64, Region>, addr: u64) -> Option<&Region> {
+    regions
+        .range(..=addr)
+        .next_back()
+        .map(|(_, r)| r)
+        .filter(|r| addr < r.end())
+}
+
+/// Resolves a scatter/gather entry to its region, rejecting entries that do
+/// not name a live region or that reach outside it.
+fn resolve<'a>(regions: &'a BTreeMap<u64, Region>, sg: &DmaSg) -> Result<&'a Region> {
+    if sg.region == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let region = regions
+        .get(&(sg.dma_addr as usize as u64))
+        .filter(|r| r.id == sg.region)
+        .ok_or(Errno::EINVAL)?;
+    let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
+    if end > region.len {
+        return Err(Errno::EINVAL);
+    }
+    if sg.writeable && region.prot & libc::PROT_WRITE == 0 {
+        return Err(Errno::EACCES);
+    }
+    Ok(region)
+}
+
+fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
+    sg.dma_addr = region_start as usize as *mut c_void;
+    sg.region = id;
+    sg.offset = addr - region_start;
+    sg.length = len;
+    sg.writeable = prot & libc::PROT_WRITE != 0;
+}
+
+impl DmaController {
+    /// Creates an empty controller accepting at most `max_regions` regions of
+    /// at most [`MAX_DMA_SIZE`] bytes each.
+    pub fn new(max_regions: usize) -> Self {
+        DmaController {
+            inner: RwLock::new(Inner {
+                regions: BTreeMap::new(),
+                dirty_page_size: 0,
+            }),
+            max_regions,
+            max_size: MAX_DMA_SIZE,
+            generation: AtomicU64::new(new_generation()),
+            logging_page_size: AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Must be called with the write lock held, after every change of the
+    /// table's shape.
+    fn bump_generation(&self) {
+        self.generation.store(new_generation(), Ordering::Release);
+    }
+
+    /// Registers a region of `len` bytes at `iova`.
+    ///
+    /// Without an fd the region is only reachable through DMA messages to the
+    /// client. With an fd it is mapped into this process with protection
+    /// `prot` (`PROT_READ`/`PROT_WRITE`) unless `file_io` is set, in which
+    /// case the fd is kept for `pread`/`pwrite`. The fd is always consumed.
+    ///
+    /// Errors, as upstream: `ENOSPC` when `len` exceeds [`MAX_DMA_SIZE`];
+    /// `EINVAL` when the range overlaps an existing region (registering an
+    /// identical region again — same range, offset, file and protection — is
+    /// accepted and returns the existing region), when the region limit is
+    /// reached, for a zero length or a range that wraps the address space;
+    /// the mmap errno when mapping fails.
+    pub fn add_region(
+        &self,
+        iova: u64,
+        len: u64,
+        fd: Option<OwnedFd>,
+        offset: u64,
+        prot: i32,
+        file_io: bool,
+    ) -> Result<DmaInfo> {
+        if prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if len > self.max_size {
+            return Err(Errno::ENOSPC);
+        }
+        // Upstream accepts empty regions; they can never be reached, so we
+        // refuse them. Ranges ending past 2^64 are refused too.
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = iova.checked_add(len).ok_or(Errno::EINVAL)?;
+        if file_io && fd.is_none() {
+            return Err(Errno::EINVAL);
+        }
+
+        let mut inner = self.write();
+
+        // The first region ending after `iova` is the only candidate for an
+        // overlap: any later one starts after it.
+        let existing = inner
+            .regions
+            .range(..end)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| r.end() > iova);
+        if let Some(existing) = existing {
+            if existing.iova == iova && existing.len == len {
+                if existing.file_offset != offset {
+                    return Err(Errno::EINVAL);
+                }
+                let same_file = match (&fd, existing.identity) {
+                    (None, None) => true,
+                    (Some(fd), Some(id)) => FileIdentity::of(fd).ok() == Some(id),
+                    _ => false,
+                };
+                if !same_file || existing.prot != prot {
+                    return Err(Errno::EINVAL);
+                }
+                // Identical re-registration: keep the existing region; the
+                // new fd is closed when dropped.
+                return Ok(existing.info());
+            }
+            return Err(Errno::EINVAL);
+        }
+
+        if inner.regions.len() >= self.max_regions {
+            return Err(Errno::EINVAL);
+        }
+
+        let mode = match (&fd, file_io) {
+            (None, _) => AccessMode::Message,
+            (Some(_), true) => AccessMode::FileIo,
+            (Some(_), false) => AccessMode::Mmap,
+        };
+        let page_size = match &fd {
+            Some(fd) => fd_page_size(fd)?,
+            None => system_page_size(),
+        };
+        let identity = match &fd {
+            Some(fd) => Some(FileIdentity::of(fd)?),
+            None => None,
+        };
+
+        let dirty = if mode != AccessMode::Message && inner.dirty_page_size != 0 {
+            Some(dirty_bitmap_for(len, inner.dirty_page_size)?)
+        } else {
+            None
+        };
+
+        let mut mapping = None;
+        let mut vaddr = 0usize;
+        let mut kept_fd = None;
+        match (mode, fd) {
+            (AccessMode::Mmap, Some(fd)) => {
+                let (m, v) = map_fd(&fd, len, offset, prot, page_size)?;
+                mapping = Some(m);
+                vaddr = v;
+                // The mapping keeps the file alive; the fd is not needed any
+                // more (unlike upstream, which keeps every region's fd open
+                // and needs a process-wide fd cache to keep their number down).
+                drop(fd);
+            }
+            (AccessMode::FileIo, Some(fd)) => {
+                if i64::try_from(offset).is_err() {
+                    return Err(Errno::EINVAL);
+                }
+                kept_fd = Some(Arc::new(fd));
+            }
+            _ => {}
+        }
+
+        let region = Region {
+            id: new_region_id(),
+            iova,
+            len,
+            prot,
+            mode,
+            file_offset: offset,
+            page_size,
+            mapping,
+            vaddr,
+            fd: kept_fd,
+            identity,
+            dirty,
+        };
+        let info = region.info();
+        inner.regions.insert(iova, region);
+        self.bump_generation();
+        Ok(info)
+    }
+
+    /// Looks up the region that starts exactly at `iova` and is exactly `len`
+    /// bytes long (`ENOENT` otherwise) without removing it. The message
+    /// handler uses this to run the unregister callback while the region is
+    /// still usable.
+    pub fn find_exact(&self, iova: u64, len: u64) -> Result<DmaInfo> {
+        let inner = self.read();
+        inner
+            .regions
+            .get(&iova)
+            .filter(|r| r.len == len)
+            .map(Region::info)
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// The region with the lowest IOVA, if any.
+    pub fn first_region(&self) -> Option<DmaInfo> {
+        self.read().regions.values().next().map(Region::info)
+    }
+
+    /// Removes the region that starts exactly at `iova` and is exactly `len`
+    /// bytes long (`ENOENT` otherwise, as upstream), unmapping it and closing
+    /// its fd. The returned info describes the region as it was (its `vaddr`
+    /// is no longer valid).
+    pub fn remove_region(&self, iova: u64, len: u64) -> Result<DmaInfo> {
+        let region = {
+            let mut inner = self.write();
+            match inner.regions.get(&iova) {
+                Some(r) if r.len == len => {}
+                _ => return Err(Errno::ENOENT),
+            }
+            let region = inner.regions.remove(&iova).ok_or(Errno::ENOENT)?;
+            self.bump_generation();
+            region
+        };
+        // Unmapped here, outside the lock: nobody can reach it any more.
+        let info = region.info();
+        drop(region);
+        Ok(info)
+    }
+
+    /// Removes every region (lowest IOVA first) and returns what they were.
+    pub fn remove_all(&self) -> Vec<DmaInfo> {
+        let regions = {
+            let mut inner = self.write();
+            let regions = std::mem::take(&mut inner.regions);
+            self.bump_generation();
+            regions
+        };
+        regions.into_values().map(|r| r.info()).collect()
+    }
+
+    /// Number of registered regions.
+    pub fn region_count(&self) -> usize {
+        self.read().regions.len()
+    }
+
+    /// Translates `[iova, iova + len)` into scatter/gather entries, one per
+    /// region it crosses, filling at most `sgl.len()` of them.
+    ///
+    /// Returns the number of entries, `NeedMore(n)` when `sgl` holds fewer
+    /// than the `n` required (the first `sgl.len()` are filled anyway),
+    /// `ENOENT` when part of the range is not mapped and `EACCES` when `prot`
+    /// asks for `PROT_WRITE` on a read-only region. A zero length yields 0.
+    pub fn addr_to_sgl(
+        &self,
+        iova: u64,
+        len: u64,
+        sgl: &mut [DmaSg],
+        prot: i32,
+    ) -> std::result::Result<usize, SglError> {
+        // Fast path: same region as this thread's last translation and the
+        // table has not changed since.
+        if len > 0 {
+            if let Some(first) = sgl.first_mut() {
+                let hint = HINT.with(Cell::get);
+                if hint.generation != 0
+                    && hint.generation == self.generation.load(Ordering::Acquire)
+                    && iova >= hint.start
+                    && iova
+                        .checked_add(len)
+                        .is_some_and(|end| end <= hint.start + hint.len)
+                {
+                    if prot & libc::PROT_WRITE != 0 && hint.prot & libc::PROT_WRITE == 0 {
+                        return Err(SglError::Errno(Errno::EACCES));
+                    }
+                    fill_sg(first, hint.start, hint.id, iova, len, prot);
+                    return Ok(1);
+                }
+            }
+        }
+
+        let inner = self.read();
+        let generation = self.generation.load(Ordering::Acquire);
+        let count = translate(&inner.regions, iova, len, sgl, prot)?;
+        if count > 0 {
+            if let Some(r) = containing(&inner.regions, iova) {
+                HINT.with(|h| {
+                    h.set(Hint {
+                        generation,
+                        start: r.iova,
+                        len: r.len,
+                        id: r.id,
+                        prot: r.prot,
+                    })
+                });
+            }
+        }
+        if count > sgl.len() {
+            return Err(SglError::NeedMore(count));
+        }
+        Ok(count)
+    }
+
+    /// Gives the local address of each entry's memory: `iov[i]` receives
+    /// `sgl[i]`. `EINVAL` for an entry that does not name a live region (or
+    /// when `iov` is shorter than `sgl`), `EFAULT` for a region that is not
+    /// mapped into this process.
+    ///
+    /// The addresses stay valid until the region is unregistered; the device
+    /// must drop them in its unregister callback.
+    pub fn sgl_get(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
+        if iov.len() < sgl.len() {
+            return Err(Errno::EINVAL);
+        }
+        let inner = self.read();
+        for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
+            let region = resolve(&inner.regions, sg)?;
+            if region.mode != AccessMode::Mmap {
+                return Err(Errno::EFAULT);
+            }
+            // In bounds: `resolve` checked offset + length <= region length,
+            // and the mapping covers the whole region.
+            out.iov_base = (region.vaddr + sg.offset as usize) as *mut c_void;
+            out.iov_len = sg.length as usize;
+        }
+        Ok(())
+    }
+
+    /// Releases entries obtained with [`Self::sgl_get`]: marks the writeable
+    /// ones dirty while logging. Invalid entries are ignored.
+    pub fn sgl_put(&self, sgl: &[DmaSg]) {
+        self.sgl_mark_dirty(sgl);
+    }
+
+    /// Marks the writeable entries of `sgl` dirty while logging (no-op
+    /// otherwise). Invalid entries are ignored.
+    pub fn sgl_mark_dirty(&self, sgl: &[DmaSg]) {
+        if self.logging_page_size.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let inner = self.read();
+        let page_size = inner.dirty_page_size;
+        if page_size == 0 {
+            return;
+        }
+        for sg in sgl.iter().filter(|sg| sg.writeable) {
+            if let Ok(region) = resolve(&inner.regions, sg) {
+                region.mark_dirty(sg.offset, sg.length, page_size);
+            }
+        }
+    }
+
+    /// Marks the pages of `[iova, iova + len)` dirty in every logged region
+    /// the range touches (for writes the server performs by other means).
+    pub fn mark_dirty_range(&self, iova: u64, len: u64) {
+        if len == 0 || self.logging_page_size.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let inner = self.read();
+        let page_size = inner.dirty_page_size;
+        if page_size == 0 {
+            return;
+        }
+        let end = iova.saturating_add(len);
+        let first_key = containing(&inner.regions, iova).map_or(iova, |r| r.iova);
+        for region in inner.regions.range(first_key..end).map(|(_, r)| r) {
+            let lo = iova.max(region.iova);
+            let hi = end.min(region.end());
+            if lo < hi {
+                region.mark_dirty(lo - region.iova, hi - lo, page_size);
+            }
+        }
+    }
+
+    /// Whether the entry's region is mapped into this process (so that
+    /// [`Self::sgl_get`] works on it). False for invalid entries.
+    pub fn sg_is_mappable(&self, sg: &DmaSg) -> bool {
+        let inner = self.read();
+        resolve(&inner.regions, sg).is_ok_and(|r| r.mode == AccessMode::Mmap)
+    }
+
+    /// Reads or writes the memory of one entry on behalf of `vfu_sgl_read` /
+    /// `vfu_sgl_write`; `buf` must hold at least `sg.length` bytes (only that
+    /// many are transferred).
+    ///
+    /// As upstream, the server touches the memory itself only when `direct`
+    /// (`VFU_SGL_DIRECT_ACCESS`) is given: with a memcpy for mapped regions,
+    /// with `pread`/`pwrite` for FILE_IO regions. `Ok(true)` means done;
+    /// `Ok(false)` means the caller must instead send VFIO_USER_DMA_READ/WRITE
+    /// messages to the client. Errors: `EPERM` writing through an entry not
+    /// translated for writing, `EINVAL` for an invalid entry or short buffer,
+    /// `EACCES` for an access the region's protection forbids, `EIO` when
+    /// file I/O fails. Direct writes mark the pages dirty while logging.
+    pub fn sg_access(
+        &self,
+        sg: &DmaSg,
+        buf: &mut [u8],
+        is_write: bool,
+        direct: bool,
+    ) -> Result<bool> {
+        if is_write {
+            self.sg_write(sg, buf, direct)
+        } else {
+            self.sg_read(sg, buf, direct)
+        }
+    }
+
+    /// The read half of [`Self::sg_access`].
+    pub fn sg_read(&self, sg: &DmaSg, buf: &mut [u8], direct: bool) -> Result<bool> {
+        let n = self.check_buf(sg, buf.len())?;
+        let inner = self.read();
+        let region = resolve(&inner.regions, sg)?;
+        if !direct {
+            return Ok(false);
+        }
+        match region.mode {
+            AccessMode::Message => Ok(false),
+            AccessMode::Mmap => {
+                if region.prot & libc::PROT_READ == 0 {
+                    return Err(Errno::EACCES);
+                }
+                let src = (region.vaddr + sg.offset as usize) as *const u8;
+                // SAFETY: `resolve` checked that the range lies in the region,
+                // which is mapped readable for as long as we hold the read
+                // lock; `buf` has at least `n` bytes. `copy` tolerates a
+                // buffer that itself lies in guest memory.
+                unsafe { std::ptr::copy(src, buf.as_mut_ptr(), n) };
+                Ok(true)
+            }
+            AccessMode::FileIo => {
+                let fd = region.fd.clone().ok_or(Errno::EIO)?;
+                let pos = file_pos(region, sg)?;
+                drop(inner);
+                file_io(&fd, pos, buf.as_mut_ptr(), n, false)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The write half of [`Self::sg_access`].
+    pub fn sg_write(&self, sg: &DmaSg, buf: &[u8], direct: bool) -> Result<bool> {
+        if !sg.writeable {
+            return Err(Errno::EPERM);
+        }
+        let n = self.check_buf(sg, buf.len())?;
+        let inner = self.read();
+        let region = resolve(&inner.regions, sg)?;
+        if !direct {
+            return Ok(false);
+        }
+        if region.mode != AccessMode::Message && region.prot & libc::PROT_WRITE == 0 {
+            return Err(Errno::EACCES);
+        }
+        match region.mode {
+            AccessMode::Message => Ok(false),
+            AccessMode::Mmap => {
+                region.mark_dirty(sg.offset, sg.length, inner.dirty_page_size);
+                let dst = (region.vaddr + sg.offset as usize) as *mut u8;
+                // SAFETY: `resolve` checked that the range lies in the region,
+                // which is mapped writable (checked above) for as long as we
+                // hold the read lock; `buf` has at least `n` bytes.
+                unsafe { std::ptr::copy(buf.as_ptr(), dst, n) };
+                Ok(true)
+            }
+            AccessMode::FileIo => {
+                region.mark_dirty(sg.offset, sg.length, inner.dirty_page_size);
+                let fd = region.fd.clone().ok_or(Errno::EIO)?;
+                let pos = file_pos(region, sg)?;
+                drop(inner);
+                // pwrite only reads from the buffer.
+                file_io(&fd, pos, buf.as_ptr() as *mut u8, n, true)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn check_buf(&self, sg: &DmaSg, buf_len: usize) -> Result<usize> {
+        let n = usize::try_from(sg.length).map_err(|_| Errno::EINVAL)?;
+        if buf_len < n {
+            return Err(Errno::EINVAL);
+        }
+        Ok(n)
+    }
+
+    /// Starts dirty page logging at `page_size` granularity. `EINVAL` for a
+    /// zero page size or one that is not a power of two, or when logging is
+    /// already on at a different page size (same page size: no-op). As
+    /// upstream, `ranges` is accepted but every region is logged. `ENOMEM`
+    /// when a bitmap cannot be allocated (nothing is logged then).
+    pub fn logging_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<()> {
+        let _ = ranges;
+        // Upstream only refuses 0; a non-power-of-two size cannot be related
+        // to the report page sizes (which must be powers of two), so we refuse
+        // it here rather than produce meaningless reports later.
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return Err(Errno::EINVAL);
+        }
+        let mut inner = self.write();
+        if inner.dirty_page_size != 0 {
+            return if inner.dirty_page_size == page_size {
+                Ok(())
+            } else {
+                Err(Errno::EINVAL)
+            };
+        }
+        let mut bitmaps = Vec::new();
+        for region in inner.regions.values() {
+            if region.mode != AccessMode::Message {
+                bitmaps.push((region.iova, dirty_bitmap_for(region.len, page_size)?));
+            }
+        }
+        for (iova, bitmap) in bitmaps {
+            if let Some(r) = inner.regions.get_mut(&iova) {
+                r.dirty = Some(bitmap);
+            }
+        }
+        inner.dirty_page_size = page_size;
+        self.logging_page_size.store(page_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops dirty page logging and drops the bitmaps (no-op when off).
+    pub fn logging_stop(&self) -> Result<()> {
+        let mut inner = self.write();
+        if inner.dirty_page_size == 0 {
+            return Ok(());
+        }
+        for region in inner.regions.values_mut() {
+            region.dirty = None;
+        }
+        inner.dirty_page_size = 0;
+        self.logging_page_size.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether dirty page logging is on.
+    pub fn logging_active(&self) -> bool {
+        self.logging_page_size.load(Ordering::Acquire) != 0
+    }
+
+    /// The logging page size, when logging.
+    pub fn logging_page_size(&self) -> Option<u64> {
+        match self.logging_page_size.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Fills `bitmap` with the dirty state of the pages starting at `iova`
+    /// (bit `i` of byte `j` is page `8 * j + i`, pages of `page_size` bytes)
+    /// and clears what it reported.
+    ///
+    /// Follows upstream's rules and errnos: `[iova, iova + len)` must be
+    /// mapped (`ENOENT`), must start at the start of a region and stay inside
+    /// it (`ENOTSUP`); logging must be on, `page_size` a power of two, `len`
+    /// at least one page of both sizes and `bitmap` exactly
+    /// [`bitmap_size`]`(len, page_size)` bytes (`EINVAL`); the region must be
+    /// backed by an fd (`EINVAL`). Since the bitmap is rounded up to 64-bit
+    /// words, it may report (and clear) pages past `len` that are still in
+    /// the region, exactly like upstream. A report page size different from
+    /// the logging one is served by OR-ing (larger) or replicating (smaller)
+    /// bits.
+    pub fn logging_report(
+        &self,
+        iova: u64,
+        len: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> Result<()> {
+        let inner = self.read();
+        let mut sg = [DmaSg::default()];
+        match translate(&inner.regions, iova, len, &mut sg, 0) {
+            Ok(1) => {}
+            Ok(_) => return Err(Errno::EINVAL),
+            Err(SglError::NeedMore(_)) => return Err(Errno::ENOTSUP),
+            Err(SglError::Errno(e)) => return Err(e),
+        }
+        if sg[0].offset != 0 {
+            return Err(Errno::ENOTSUP);
+        }
+        let server_page = inner.dirty_page_size;
+        if server_page == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return Err(Errno::EINVAL);
+        }
+        bitmap_size(len, server_page)?;
+        if bitmap.len() != bitmap_size(len, page_size)? {
+            return Err(Errno::EINVAL);
+        }
+        let region = inner.regions.get(&iova).ok_or(Errno::ENOENT)?;
+        let words = match (&region.dirty, region.mode) {
+            (Some(words), m) if m != AccessMode::Message => words,
+            _ => return Err(Errno::EINVAL),
+        };
+        harvest(words, bitmap, server_page, page_size);
+        Ok(())
+    }
+}
+
+/// Walks the regions covering `[iova, iova + len)`, filling `sgl` as far as
+/// it goes, and returns the number of entries the whole range needs.
+fn translate(
+    regions: &BTreeMap<u64, Region>,
+    iova: u64,
+    len: u64,
+    sgl: &mut [DmaSg],
+    prot: i32,
+) -> std::result::Result<usize, SglError> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let first = containing(regions, iova).ok_or(Errno::ENOENT)?;
+    let mut addr = iova;
+    let mut remaining = len;
+    let mut count = 0usize;
+    for region in regions.range(first.iova..).map(|(_, r)| r) {
+        if count > 0 && region.iova != addr {
+            // A hole after the previous region.
+            return Err(SglError::Errno(Errno::ENOENT));
+        }
+        if prot & libc::PROT_WRITE != 0 && region.prot & libc::PROT_WRITE == 0 {
+            return Err(SglError::Errno(Errno::EACCES));
+        }
+        let chunk = remaining.min(region.end() - addr);
+        if let Some(sg) = sgl.get_mut(count) {
+            fill_sg(sg, region.iova, region.id, addr, chunk, prot);
+        }
+        count += 1;
+        remaining -= chunk;
+        if remaining == 0 {
+            return Ok(count);
+        }
+        addr = region.end();
+    }
+    Err(SglError::Errno(Errno::ENOENT))
+}
+
+/// Position in the region's file of an entry's first byte.
+fn file_pos(region: &Region, sg: &DmaSg) -> Result<i64> {
+    region
+        .file_offset
+        .checked_add(sg.offset)
+        .and_then(|p| i64::try_from(p).ok())
+        .ok_or(Errno::EINVAL)
+}
+
+/// Transfers exactly `n` bytes between `buf` and the file at `pos`, retrying
+/// short transfers; any failure or end of file is `EIO`, as upstream.
+fn file_io(fd: &OwnedFd, pos: i64, buf: *mut u8, n: usize, write: bool) -> Result<()> {
+    let mut done = 0usize;
+    while done < n {
+        let off = pos.checked_add(done as i64).ok_or(Errno::EIO)?;
+        // SAFETY: `buf` points to at least `n` bytes owned by the caller (for
+        // writes they are only read); the fd is open while we hold the Arc.
+        let r = unsafe {
+            let p = buf.add(done) as *mut c_void;
+            if write {
+                libc::pwrite(fd.as_raw_fd(), p, n - done, off)
+            } else {
+                libc::pread(fd.as_raw_fd(), p, n - done, off)
+            }
+        };
+        if r < 0 {
+            if Errno::last() == Errno(libc::EINTR) {
+                continue;
+            }
+            return Err(Errno::EIO);
+        }
+        if r == 0 {
+            return Err(Errno::EIO);
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// Takes (and clears) a server bitmap word; words past the end read as 0.
+fn take_word(words: &[AtomicU64], i: usize) -> u64 {
+    match words.get(i) {
+        // Skipping the swap for clean words is racy but harmless: a bit set
+        // just after the load is reported next time.
+        Some(w) if w.load(Ordering::Relaxed) != 0 => w.swap(0, Ordering::Acquire),
+        _ => 0,
+    }
+}
+
+/// Gathers bits 0, 2, 4, ... of `x` into bits 0..32.
+fn compress_even(mut x: u64) -> u64 {
+    x &= 0x5555_5555_5555_5555;
+    x = (x | (x >> 1)) & 0x3333_3333_3333_3333;
+    x = (x | (x >> 2)) & 0x0f0f_0f0f_0f0f_0f0f;
+    x = (x | (x >> 4)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x >> 8)) & 0x0000_ffff_0000_ffff;
+    (x | (x >> 16)) & 0x0000_0000_ffff_ffff
+}
+
+/// Spreads bits 0..32 of `x` to bits 0, 2, 4, ....
+fn spread_even(mut x: u64) -> u64 {
+    x &= 0x0000_0000_ffff_ffff;
+    x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    x = (x | (x << 2)) & 0x3333_3333_3333_3333;
+    (x | (x << 1)) & 0x5555_5555_5555_5555
+}
+
+/// ORs each group of `2^k` adjacent bits into one bit (`64 >> k` results).
+fn squeeze(mut x: u64, k: u32) -> u64 {
+    for _ in 0..k {
+        x = compress_even(x | (x >> 1));
+    }
+    x
+}
+
+/// Repeats each of the low `64 >> k` bits `2^k` times.
+fn stretch(mut x: u64, k: u32) -> u64 {
+    for _ in 0..k {
+        let s = spread_even(x);
+        x = s | (s << 1);
+    }
+    x
+}
+
+/// Produces the report bitmap `out` (a multiple of 8 bytes) from the
+/// server bitmap `words` (logging page `server`, report page `client`, both
+/// powers of two), clearing the server bits it consumes.
+fn harvest(words: &[AtomicU64], out: &mut [u8], server: u64, client: u64) {
+    let out_words = out.len() / 8;
+    let mut put = |j: usize, v: u64| {
+        if let Some(chunk) = out.get_mut(j * 8..j * 8 + 8) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    if client == server {
+        for j in 0..out_words {
+            put(j, take_word(words, j));
+        }
+    } else if client > server {
+        // Each report bit covers `f` logged pages.
+        let f = client / server;
+        if f <= 64 {
+            let k = f.trailing_zeros();
+            let per = 64 / f as u32;
+            let f = f as usize;
+            for j in 0..out_words {
+                let mut v = 0u64;
+                for s in 0..f {
+                    let w = take_word(words, j * f + s);
+                    if w != 0 {
+                        v |= squeeze(w, k) << (s as u32 * per);
+                    }
+                }
+                put(j, v);
+            }
+        } else {
+            let g = (f / 64) as usize;
+            for j in 0..out_words {
+                let mut v = 0u64;
+                for b in 0..64usize {
+                    let first = (j * 64 + b).saturating_mul(g);
+                    if first >= words.len() {
+                        break;
+                    }
+                    let mut any = 0u64;
+                    for i in first..first.saturating_add(g).min(words.len()) {
+                        any |= take_word(words, i);
+                    }
+                    if any != 0 {
+                        v |= 1 << b;
+                    }
+                }
+                put(j, v);
+            }
+        }
+    } else {
+        // Each logged page covers `f` report bits.
+        let f = server / client;
+        if f <= 64 {
+            let k = f.trailing_zeros();
+            let per = 64 / f as u32;
+            let mask = (1u64 << per) - 1;
+            let f = f as usize;
+            let mut i = 0usize;
+            while i * f < out_words {
+                let w = take_word(words, i);
+                for c in 0..f {
+                    let j = i * f + c;
+                    if j >= out_words {
+                        break;
+                    }
+                    let chunk = (w >> (c as u32 * per)) & mask;
+                    put(j, if chunk == 0 { 0 } else { stretch(chunk, k) });
+                }
+                i += 1;
+            }
+        } else {
+            let g = (f / 64) as usize;
+            let mut i = 0usize;
+            while (i * 64).saturating_mul(g) < out_words {
+                let w = take_word(words, i);
+                for b in 0..64usize {
+                    let v = if w >> b & 1 != 0 { u64::MAX } else { 0 };
+                    for t in 0..g {
+                        let j = (i * 64 + b) * g + t;
+                        if j >= out_words {
+                            break;
+                        }
+                        put(j, v);
+                    }
+                }
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Maps `len` bytes of `fd` at `offset` shared with protection `prot`.
+/// Returns the mapping and the local address of byte `offset`.
+fn map_fd(
+    fd: &OwnedFd,
+    len: u64,
+    offset: u64,
+    prot: i32,
+    page_size: usize,
+) -> Result<(Mapping, usize)> {
+    let page = page_size as u64;
+    let aligned = offset - offset % page;
+    let delta = offset - aligned;
+    // Upstream maps round_up(len) bytes from the rounded-down offset, which
+    // falls short of the region's end when the offset is not page aligned;
+    // we include the leading slack.
+    let map_len = len
+        .checked_add(delta)
+        .and_then(|l| l.checked_next_multiple_of(page))
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or(Errno::EINVAL)?;
+    let file_off = libc::off_t::try_from(aligned).map_err(|_| Errno::EINVAL)?;
+    if !offset
+        .checked_add(len)
+        .is_some_and(|e| i64::try_from(e).is_ok())
+    {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: a fresh mapping at an address of the kernel's choosing; it does
+    // not alias any Rust object.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            file_off,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    // Keep guest memory out of core dumps, as upstream. Failure is harmless.
+    // SAFETY: the range is the mapping just created.
+    unsafe {
+        libc::madvise(base, map_len, libc::MADV_DONTDUMP);
+    }
+    let base = base as usize;
+    Ok((Mapping { base, len: map_len }, base + delta as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use std::time::Instant;
+
+    const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+    const PAGE: u64 = 4096;
+
+    fn memfd(size: u64) -> OwnedFd {
+        // SAFETY: the name is a valid C string.
+        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: fd is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the fd is open.
+        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+        assert_eq!(r, 0);
+        fd
+    }
+
+    fn dup(fd: &OwnedFd) -> OwnedFd {
+        fd.try_clone().unwrap()
+    }
+
+    fn pread_file(fd: &OwnedFd, off: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        // SAFETY: v has n bytes.
+        let r =
+            unsafe { libc::pread(fd.as_raw_fd(), v.as_mut_ptr() as *mut c_void, n, off as i64) };
+        assert_eq!(r, n as isize);
+        v
+    }
+
+    fn pwrite_file(fd: &OwnedFd, off: u64, data: &[u8]) {
+        // SAFETY: data is a valid buffer.
+        let r = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data.as_ptr() as *const c_void,
+                data.len(),
+                off as i64,
+            )
+        };
+        assert_eq!(r, data.len() as isize);
+    }
+
+    fn sg1(dma: &DmaController, iova: u64, len: u64, prot: i32) -> DmaSg {
+        let mut sgl = [DmaSg::default()];
+        assert_eq!(dma.addr_to_sgl(iova, len, &mut sgl, prot), Ok(1));
+        sgl[0]
+    }
+
+    fn report(dma: &DmaController, iova: u64, len: u64, pg: u64) -> Result<Vec<u8>> {
+        let mut bm = vec![0u8; bitmap_size(len, pg)?];
+        dma.logging_report(iova, len, pg, &mut bm)?;
+        Ok(bm)
+    }
+
+    fn bits(bm: &[u8]) -> u128 {
+        let mut v = 0u128;
+        for (i, b) in bm.iter().take(16).enumerate() {
+            v |= u128::from(*b) << (8 * i);
+        }
+        v
+    }
+
+    #[test]
+    fn layouts_match_upstream() {
+        assert_eq!(std::mem::size_of::<DmaSg>(), 40);
+        assert_eq!(std::mem::offset_of!(DmaSg, dma_addr), 0);
+        assert_eq!(std::mem::offset_of!(DmaSg, region), 8);
+        assert_eq!(std::mem::offset_of!(DmaSg, length), 16);
+        assert_eq!(std::mem::offset_of!(DmaSg, offset), 24);
+        assert_eq!(std::mem::offset_of!(DmaSg, writeable), 32);
+        assert_eq!(std::mem::size_of::<DmaInfo>(), 56);
+        assert_eq!(std::mem::offset_of!(DmaInfo, iova), 0);
+        assert_eq!(std::mem::offset_of!(DmaInfo, vaddr), 16);
+        assert_eq!(std::mem::offset_of!(DmaInfo, mapping), 24);
+        assert_eq!(std::mem::offset_of!(DmaInfo, page_size), 40);
+        assert_eq!(std::mem::offset_of!(DmaInfo, prot), 48);
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DmaController>();
+    }
+
+    #[test]
+    fn map_unmap_memfd() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        pwrite_file(&fd, PAGE, b"hello");
+        let keep = dup(&fd);
+        let info = dma
+            .add_region(0x10000, 2 * PAGE, Some(fd), PAGE, PROT_RW, false)
+            .unwrap();
+        assert_eq!(info.iova_start(), 0x10000);
+        assert_eq!(info.iova_len(), 2 * PAGE);
+        assert!(!info.vaddr.is_null());
+        assert_eq!(info.mapping.iov_len as u64, 2 * PAGE);
+        assert_eq!(info.page_size as u64, PAGE);
+        assert_eq!(info.prot, PROT_RW as u32);
+        // vaddr points at file offset PAGE.
+        // SAFETY: the region is mapped readable and 2 pages long.
+        let got = unsafe { std::slice::from_raw_parts(info.vaddr as *const u8, 5) }.to_vec();
+        assert_eq!(got, b"hello");
+        assert_eq!(dma.region_count(), 1);
+
+        let removed = dma.remove_region(0x10000, 2 * PAGE).unwrap();
+        assert_eq!(removed.iova_start(), 0x10000);
+        assert_eq!(dma.region_count(), 0);
+        assert_eq!(dma.remove_region(0x10000, 2 * PAGE), Err(Errno::ENOENT));
+        drop(keep);
+    }
+
+    #[test]
+    fn message_region_info() {
+        let dma = DmaController::new(10);
+        let info = dma
+            .add_region(0x10000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert!(info.vaddr.is_null());
+        assert!(info.mapping.iov_base.is_null());
+        assert_eq!(info.mapping.iov_len, 0);
+        assert_eq!(info.page_size, system_page_size());
+        let sg = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        assert!(!dma.sg_is_mappable(&sg));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EFAULT));
+        // FILE_IO needs an fd.
+        assert_eq!(
+            dma.add_region(0x90000, PAGE, None, 0, PROT_RW, true)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn unaligned_offset_mapping_covers_region() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        let keep = dup(&fd);
+        pwrite_file(&keep, 0x1800 + PAGE - 1, b"Z");
+        let info = dma
+            .add_region(0x0, PAGE, Some(fd), 0x1800, PROT_RW, false)
+            .unwrap();
+        assert_eq!(info.mapping.iov_len as u64, 2 * PAGE);
+        // SAFETY: the last byte of the region lies inside the mapping.
+        let last = unsafe { *(info.vaddr as *const u8).add(PAGE as usize - 1) };
+        assert_eq!(last, b'Z');
+    }
+
+    #[test]
+    fn overlap_and_identical_remap() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        let fd2 = dup(&fd);
+        let fd3 = dup(&fd);
+        let a = dma
+            .add_region(0x4000, 2 * PAGE, Some(fd), 0, PROT_RW, false)
+            .unwrap();
+        // Overlaps: upstream reports EINVAL.
+        for (iova, len) in [
+            (0x3000, 2 * PAGE),
+            (0x5000, PAGE),
+            (0x4000, PAGE),
+            (0x0, 0x10000),
+        ] {
+            assert_eq!(
+                dma.add_region(iova, len, None, 0, PROT_RW, false)
+                    .unwrap_err(),
+                Errno::EINVAL,
+                "{iova:#x}"
+            );
+        }
+        // Adjacent is fine.
+        dma.add_region(0x2000, 2 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x6000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        // Identical: accepted, same region.
+        let b = dma
+            .add_region(0x4000, 2 * PAGE, Some(fd2), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(a.vaddr, b.vaddr);
+        assert_eq!(dma.region_count(), 3);
+        // Same range, different prot / offset / file: EINVAL.
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, Some(fd3), 0, libc::PROT_READ, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, Some(memfd(4 * PAGE)), 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(dma.region_count(), 3);
+    }
+
+    #[test]
+    fn size_limits() {
+        let dma = DmaController::new(3);
+        assert_eq!(
+            dma.add_region(0x1000, MAX_DMA_SIZE + PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::ENOSPC
+        );
+        dma.add_region(1 << 50, MAX_DMA_SIZE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(
+            dma.add_region(0x1000, 0, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(u64::MAX - 0xfff, 0x2000, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0, PAGE, None, 0, libc::PROT_EXEC, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn max_regions() {
+        let dma = DmaController::new(4);
+        for i in 0..4 {
+            dma.add_region(i * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        assert_eq!(
+            dma.add_region(10 * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        // An identical re-map does not count as a new region.
+        dma.add_region(0, PAGE, None, 0, PROT_RW, false).unwrap();
+        dma.remove_region(0, PAGE).unwrap();
+        dma.add_region(10 * PAGE, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+    }
+
+    #[test]
+    fn exact_match_unmap_and_remove_all() {
+        let dma = DmaController::new(10);
+        dma.add_region(0x1000, 0x2000, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x8000, 0x1000, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(dma.remove_region(0x1000, 0x1000), Err(Errno::ENOENT));
+        assert_eq!(dma.remove_region(0x2000, 0x1000), Err(Errno::ENOENT));
+        assert_eq!(dma.remove_region(0x1000, 0x3000), Err(Errno::ENOENT));
+        assert_eq!(dma.find_exact(0x1000, 0x2000).unwrap().iova_start(), 0x1000);
+        assert_eq!(dma.find_exact(0x1000, 0x1000).unwrap_err(), Errno::ENOENT);
+        assert_eq!(dma.first_region().unwrap().iova_start(), 0x1000);
+        let all = dma.remove_all();
+        assert_eq!(
+            all.iter().map(DmaInfo::iova_start).collect::<Vec<_>>(),
+            vec![0x1000, 0x8000]
+        );
+        assert_eq!(dma.region_count(), 0);
+        assert!(dma.first_region().is_none());
+    }
+
+    #[test]
+    fn addr_to_sgl_across_adjacent_regions() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        for i in 1..4u64 {
+            dma.add_region(
+                i * PAGE,
+                PAGE,
+                Some(dup(&fd)),
+                (i - 1) * PAGE,
+                PROT_RW,
+                false,
+            )
+            .unwrap();
+        }
+        let mut sgl = [DmaSg::default(); 3];
+        assert_eq!(
+            dma.addr_to_sgl(PAGE + 0x800, 2 * PAGE, &mut sgl, libc::PROT_READ),
+            Ok(3)
+        );
+        assert_eq!(sgl[0].dma_addr as u64, PAGE);
+        assert_eq!((sgl[0].offset, sgl[0].length), (0x800, 0x800));
+        assert_eq!(
+            (sgl[1].dma_addr as u64, sgl[1].offset, sgl[1].length),
+            (2 * PAGE, 0, PAGE)
+        );
+        assert_eq!(
+            (sgl[2].dma_addr as u64, sgl[2].offset, sgl[2].length),
+            (3 * PAGE, 0, 0x800)
+        );
+        assert!(!sgl[0].writeable);
+        assert!(sgl.iter().all(|s| s.region != 0 && s.region as u32 != 0));
+        assert_ne!(sgl[0].region, sgl[1].region);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 3];
+        dma.sgl_get(&sgl, &mut iov).unwrap();
+        assert_eq!(
+            iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+            vec![0x800, 0x1000, 0x800]
+        );
+        // Shorter iov array.
+        assert_eq!(dma.sgl_get(&sgl, &mut iov[..2]), Err(Errno::EINVAL));
+
+        // Holes and unmapped addresses.
+        let mut one = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0, 16, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(3 * PAGE, 2 * PAGE, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(PAGE, u64::MAX, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        // Zero length.
+        assert_eq!(dma.addr_to_sgl(PAGE, 0, &mut one, 0), Ok(0));
+        // A hole between two regions.
+        dma.add_region(5 * PAGE, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        let mut three = [DmaSg::default(); 3];
+        assert_eq!(
+            dma.addr_to_sgl(3 * PAGE, 3 * PAGE, &mut three, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(dma.addr_to_sgl(5 * PAGE + 1, 16, &mut three, 0), Ok(1));
+    }
+
+    #[test]
+    fn addr_to_sgl_need_more() {
+        let dma = DmaController::new(10);
+        for i in 0..4u64 {
+            dma.add_region(i * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        let mut sgl = [DmaSg::default(); 2];
+        assert_eq!(
+            dma.addr_to_sgl(0, 4 * PAGE, &mut sgl, 0),
+            Err(SglError::NeedMore(4))
+        );
+        // The first entries were still filled.
+        assert_eq!((sgl[1].dma_addr as u64, sgl[1].length), (PAGE, PAGE));
+        assert_eq!(
+            dma.addr_to_sgl(0, 3 * PAGE, &mut [], 0),
+            Err(SglError::NeedMore(3))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(0, PAGE, &mut [], 0),
+            Err(SglError::NeedMore(1))
+        );
+    }
+
+    #[test]
+    fn prot_violations() {
+        let dma = DmaController::new(10);
+        let fd = memfd(2 * PAGE);
+        dma.add_region(0, PAGE, Some(fd), 0, libc::PROT_READ, false)
+            .unwrap();
+        dma.add_region(PAGE, PAGE, None, 0, PROT_RW, false).unwrap();
+        let mut sgl = [DmaSg::default(); 2];
+        // Slow path, then fast path (hint now set).
+        for _ in 0..2 {
+            assert_eq!(
+                dma.addr_to_sgl(0, 16, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::EACCES))
+            );
+            assert_eq!(dma.addr_to_sgl(0, 16, &mut sgl, libc::PROT_READ), Ok(1));
+        }
+        assert_eq!(
+            dma.addr_to_sgl(0, 2 * PAGE, &mut sgl, libc::PROT_WRITE),
+            Err(SglError::Errno(Errno::EACCES))
+        );
+        // Reading is fine; writing through a read entry is EPERM.
+        let sg = sgl[0];
+        let mut buf = [0u8; 16];
+        assert_eq!(dma.sg_access(&sg, &mut buf, true, true), Err(Errno::EPERM));
+        assert_eq!(dma.sg_access(&sg, &mut buf, false, true), Ok(true));
+        // A forged writeable entry on a read-only region is refused.
+        let mut forged = sg;
+        forged.writeable = true;
+        assert_eq!(dma.sg_write(&forged, &buf, true), Err(Errno::EACCES));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+    }
+
+    #[test]
+    fn sgl_get_put_dirty() {
+        let dma = DmaController::new(10);
+        let fd = memfd(0x20 * PAGE);
+        dma.add_region(0x10 * PAGE, 0x20 * PAGE, Some(fd), 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x40 * PAGE, 0x10 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert!(!dma.logging_active());
+        // Put while not logging: nothing recorded.
+        let w = sg1(&dma, 0x10 * PAGE, PAGE, PROT_RW);
+        dma.sgl_put(&[w]);
+        dma.logging_start(PAGE, &[]).unwrap();
+        assert!(dma.logging_active());
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+
+        let s1 = sg1(&dma, 0x10 * PAGE, PAGE, PROT_RW);
+        let s2 = sg1(&dma, 0x11 * PAGE, PAGE, libc::PROT_READ);
+        let s3 = sg1(&dma, 0x12 * PAGE, PAGE, PROT_RW);
+        let s4 = sg1(&dma, 0x16 * PAGE, 4 * PAGE, PROT_RW);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        dma.sgl_get(&[s1, s2, s3, s4], &mut iov).unwrap();
+        // Write through the iovec.
+        // SAFETY: iov[3] is a writable mapping of 4 pages.
+        unsafe { std::ptr::write_bytes(iov[3].iov_base as *mut u8, 0xab, iov[3].iov_len) };
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+        dma.sgl_put(&[s1, s4]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0b11_1100_0001
+        );
+        // Reported bits were cleared.
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+        // Read-only entries do not dirty; mark_dirty does like put.
+        dma.sgl_put(&[s2]);
+        dma.sgl_mark_dirty(&[s3]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0b100
+        );
+        // Bits past `len` but within the 64-bit word are reported, as upstream.
+        dma.sgl_put(&[sg1(&dma, 0x27 * PAGE, PAGE, PROT_RW)]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            1 << 23
+        );
+        // Message-only region: put is harmless, report is EINVAL.
+        dma.sgl_put(&[sg1(&dma, 0x40 * PAGE, PAGE, PROT_RW)]);
+        assert_eq!(
+            report(&dma, 0x40 * PAGE, 0x10 * PAGE, PAGE).unwrap_err(),
+            Errno::EINVAL
+        );
+        dma.logging_stop().unwrap();
+        assert!(!dma.logging_active());
+        assert_eq!(
+            report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn logging_report_page_sizes() {
+        let dma = DmaController::new(10);
+        dma.add_region(
+            0x10 * PAGE,
+            0x20 * PAGE,
+            Some(memfd(0x20 * PAGE)),
+            0,
+            PROT_RW,
+            false,
+        )
+        .unwrap();
+        dma.logging_start(PAGE, &[(0, 1 << 40)]).unwrap();
+        // Idempotent at the same size; other sizes refused.
+        dma.logging_start(PAGE, &[]).unwrap();
+        assert_eq!(dma.logging_start(PAGE / 2, &[]), Err(Errno::EINVAL));
+        assert_eq!(dma.logging_start(PAGE * 2, &[]), Err(Errno::EINVAL));
+        let s1 = sg1(&dma, 0x10 * PAGE, PAGE, PROT_RW);
+        let s4 = sg1(&dma, 0x16 * PAGE, 4 * PAGE, PROT_RW);
+        let put = || dma.sgl_put(&[s1, s4]);
+        let base = 0x10 * PAGE;
+        let len = 0x10 * PAGE;
+
+        put();
+        assert_eq!(
+            bits(&report(&dma, base, len, PAGE / 2).unwrap()),
+            0b1111_1111_0000_0000_0011
+        );
+        put();
+        assert_eq!(
+            bits(&report(&dma, base, len, PAGE * 2).unwrap()),
+            0b0001_1001
+        );
+        put();
+        assert_eq!(bits(&report(&dma, base, len, PAGE << 4).unwrap()), 0b1);
+        assert_eq!(bits(&report(&dma, base, len, PAGE << 4).unwrap()), 0b0);
+        // Much smaller report pages: each logged page is 64+ bits.
+        put();
+        let bm = report(&dma, base, len, PAGE / 128).unwrap();
+        assert_eq!(bm.len(), 16 * 128 / 8);
+        assert!(bm[..16].iter().all(|&b| b == 0xff));
+        assert!(bm[16..16 * 6].iter().all(|&b| b == 0));
+        assert!(bm[16 * 6..16 * 10].iter().all(|&b| b == 0xff));
+        assert!(bm[16 * 10..].iter().all(|&b| b == 0));
+        // Much larger report pages: one bit covers several words.
+        dma.sgl_put(&[sg1(&dma, 0x2f * PAGE, PAGE, PROT_RW)]);
+        let bm = report(&dma, base, 0x20 * PAGE, 0x20 * PAGE).unwrap();
+        assert_eq!(bits(&bm), 1);
+        // Bad arguments.
+        assert_eq!(
+            report(&dma, 0xdead_beef, len, PAGE).unwrap_err(),
+            Errno::ENOENT
+        );
+        assert_eq!(
+            report(&dma, base + 1, 0x20 * PAGE - 1, PAGE).unwrap_err(),
+            Errno::ENOTSUP
+        );
+        assert_eq!(
+            report(&dma, base, 0x21 * PAGE, PAGE).unwrap_err(),
+            Errno::ENOENT
+        );
+        let mut bm = vec![0u8; 8];
+        assert_eq!(
+            dma.logging_report(base, len, 1 << 24, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.logging_report(base, len, 3000, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.logging_report(base, len, PAGE, &mut bm[..4]),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.logging_report(base, PAGE / 2, PAGE / 2, &mut bm),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(dma.logging_start(0, &[]), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn logging_new_regions_and_reports_across_words() {
+        let dma = DmaController::new(10);
+        dma.logging_start(PAGE, &[]).unwrap();
+        // A region added while logging gets a bitmap.
+        dma.add_region(0, 1024 * PAGE, Some(memfd(1024 * PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        dma.mark_dirty_range(130 * PAGE + 5, 300 * PAGE);
+        // And a range touching two regions plus a hole.
+        dma.add_region(
+            2048 * PAGE,
+            64 * PAGE,
+            Some(memfd(64 * PAGE)),
+            0,
+            PROT_RW,
+            false,
+        )
+        .unwrap();
+        dma.mark_dirty_range(1000 * PAGE, 2000 * PAGE);
+        let bm = report(&dma, 0, 1024 * PAGE, PAGE).unwrap();
+        let is_set = |p: usize| bm[p / 8] >> (p % 8) & 1 == 1;
+        for p in 0..1024 {
+            let expected = (130..=430).contains(&p) || p >= 1000;
+            assert_eq!(is_set(p), expected, "page {p}");
+        }
+        let bm2 = report(&dma, 2048 * PAGE, 64 * PAGE, PAGE).unwrap();
+        assert_eq!(u64::from_le_bytes(bm2[..8].try_into().unwrap()), u64::MAX);
+        // Combine 4 logged pages per report bit over many words.
+        dma.mark_dirty_range(512 * PAGE, PAGE);
+        let bm = report(&dma, 0, 1024 * PAGE, 4 * PAGE).unwrap();
+        assert_eq!(bm.len(), 32);
+        let set: Vec<usize> = (0..256).filter(|p| bm[p / 8] >> (p % 8) & 1 == 1).collect();
+        assert_eq!(set, vec![128]);
+    }
+
+    #[test]
+    fn report_64gib_is_fast() {
+        let dma = DmaController::new(10);
+        let len = 64u64 << 30;
+        dma.add_region(0, len, None, 0, PROT_RW, false).unwrap();
+        // An fd-backed region is needed for a bitmap; use FILE_IO so nothing
+        // is mapped.
+        dma.add_region(len, len, Some(memfd(PAGE)), 0, PROT_RW, true)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+        dma.mark_dirty_range(len, len);
+        let mut bm = vec![0u8; bitmap_size(len, PAGE).unwrap()];
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..3 {
+            dma.mark_dirty_range(len, len);
+            let t = Instant::now();
+            dma.logging_report(len, len, PAGE, &mut bm).unwrap();
+            best = best.min(t.elapsed());
+            assert!(bm.iter().all(|&b| b == 0xff));
+        }
+        // Empty reports are cheaper still.
+        let t = Instant::now();
+        dma.logging_report(len, len, PAGE, &mut bm).unwrap();
+        let empty = t.elapsed();
+        assert!(bm.iter().all(|&b| b == 0));
+        eprintln!("64 GiB report: full {best:?}, empty {empty:?}");
+        // Generous for debug builds on a loaded machine; release is ~0.3 ms.
+        assert!(best.as_millis() < 50, "{best:?}");
+    }
+
+    #[test]
+    fn sg_access_modes() {
+        let dma = DmaController::new(10);
+        let fd_m = memfd(4 * PAGE);
+        let fd_f = memfd(4 * PAGE);
+        let keep_m = dup(&fd_m);
+        let keep_f = dup(&fd_f);
+        dma.add_region(0x10000, 2 * PAGE, Some(fd_m), PAGE, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x20000, 2 * PAGE, Some(fd_f), PAGE, PROT_RW, true)
+            .unwrap();
+        dma.add_region(0x30000, 2 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+
+        let data: Vec<u8> = (0..100u8).collect();
+        for base in [0x10000u64, 0x20000] {
+            let sg = sg1(&dma, base + PAGE + 10, 100, PROT_RW);
+            // Without the direct flag everything goes to the client.
+            let mut tmp = data.clone();
+            assert_eq!(dma.sg_access(&sg, &mut tmp, true, false), Ok(false));
+            assert_eq!(dma.sg_write(&sg, &data, true), Ok(true));
+            let mut back = vec![0u8; 100];
+            assert_eq!(dma.sg_read(&sg, &mut back, true), Ok(true));
+            assert_eq!(back, data);
+            // Short buffer.
+            assert_eq!(dma.sg_read(&sg, &mut back[..99], true), Err(Errno::EINVAL));
+            // Dirty page: second page of the region.
+            assert_eq!(bits(&report(&dma, base, 2 * PAGE, PAGE).unwrap()), 0b10);
+        }
+        // The bytes landed in the files at offset PAGE + PAGE + 10.
+        assert_eq!(pread_file(&keep_m, 2 * PAGE + 10, 100), data);
+        assert_eq!(pread_file(&keep_f, 2 * PAGE + 10, 100), data);
+        // Message-only region.
+        let sg = sg1(&dma, 0x30000, 100, PROT_RW);
+        let mut buf = vec![0u8; 100];
+        assert_eq!(dma.sg_access(&sg, &mut buf, false, true), Ok(false));
+        assert_eq!(dma.sg_access(&sg, &mut buf, true, true), Ok(false));
+        // FILE_IO past the end of the file: EIO.
+        let sg = sg1(&dma, 0x20000 + PAGE, PAGE, PROT_RW);
+        // SAFETY: the fd is open.
+        let r = unsafe { libc::ftruncate(keep_f.as_raw_fd(), PAGE as i64) };
+        assert_eq!(r, 0);
+        let mut big = vec![0u8; PAGE as usize];
+        assert_eq!(dma.sg_read(&sg, &mut big, true), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn stale_and_forged_entries() {
+        let dma = DmaController::new(10);
+        dma.add_region(0x10000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let sg = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        dma.sgl_get(&[sg], &mut iov).unwrap();
+        assert!(dma.sg_is_mappable(&sg));
+
+        // Zeroed entry.
+        assert_eq!(
+            dma.sgl_get(&[DmaSg::default()], &mut iov),
+            Err(Errno::EINVAL)
+        );
+        // Wrong id, out-of-bounds length, overflowing offset.
+        let mut f = sg;
+        f.region += 1;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.length = PAGE + 1;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.offset = u64::MAX;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.dma_addr = 0x10001 as *mut c_void;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+
+        // Unmap, then map something new at the same address: the old entry
+        // stays dead.
+        dma.remove_region(0x10000, PAGE).unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        dma.add_region(0x10000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        assert!(!dma.sg_is_mappable(&sg));
+        let mut buf = vec![0u8; PAGE as usize];
+        assert_eq!(dma.sg_read(&sg, &mut buf, true), Err(Errno::EINVAL));
+        assert_eq!(dma.sg_write(&sg, &buf, true), Err(Errno::EINVAL));
+        dma.logging_start(PAGE, &[]).unwrap();
+        dma.sgl_put(&[sg]);
+        assert_eq!(bits(&report(&dma, 0x10000, PAGE, PAGE).unwrap()), 0);
+        // The thread's cached translation must not outlive the table change.
+        let fresh = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        assert_ne!(fresh.region, sg.region);
+        dma.sgl_get(&[fresh], &mut iov).unwrap();
+    }
+
+    #[test]
+    fn hint_is_per_controller() {
+        let a = DmaController::new(10);
+        let b = DmaController::new(10);
+        a.add_region(0, PAGE, None, 0, PROT_RW, false).unwrap();
+        let sa = sg1(&a, 0, 16, PROT_RW);
+        let mut one = [DmaSg::default()];
+        assert_eq!(
+            b.addr_to_sgl(0, 16, &mut one, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        b.add_region(0, PAGE, None, 0, PROT_RW, false).unwrap();
+        let sb = sg1(&b, 0, 16, PROT_RW);
+        assert_ne!(sa.region, sb.region);
+        assert_eq!(sg1(&a, 0, 16, PROT_RW).region, sa.region);
+    }
+
+    #[test]
+    fn concurrent_access_while_mapping() {
+        let dma = Arc::new(DmaController::new(100_000));
+        let stable = memfd(16 * PAGE);
+        dma.add_region(0, 16 * PAGE, Some(stable), 0, PROT_RW, false)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for t in 0..3u64 {
+            let dma = Arc::clone(&dma);
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let mut ops = 0u64;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) || ops < 1000 {
+                    // Stable region: must always work.
+                    let page = (i + t * 5) % 16;
+                    let mut sgl = [DmaSg::default()];
+                    assert_eq!(dma.addr_to_sgl(page * PAGE, PAGE, &mut sgl, PROT_RW), Ok(1));
+                    let mut iov = [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }];
+                    dma.sgl_get(&sgl, &mut iov).unwrap();
+                    let src = [t as u8 + 1; 64];
+                    // SAFETY: iov is a writable mapping of a whole page.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), iov[0].iov_base as *mut u8, 64)
+                    };
+                    dma.sgl_put(&sgl);
+                    // Volatile regions: may fail, must not crash.
+                    let v = 0x100_0000 + (i % 64) * PAGE;
+                    if let Ok(1) = dma.addr_to_sgl(v, PAGE, &mut sgl, PROT_RW) {
+                        let mut buf = vec![0u8; PAGE as usize];
+                        match dma.sg_write(&sgl[0], &buf, true) {
+                            Ok(true) | Err(Errno::EINVAL) => {}
+                            other => panic!("unexpected {other:?}"),
+                        }
+                        match dma.sg_read(&sgl[0], &mut buf, true) {
+                            Ok(true) | Err(Errno::EINVAL) => {}
+                            other => panic!("unexpected {other:?}"),
+                        }
+                        let _ = dma.sgl_get(&sgl, &mut iov);
+                        dma.sgl_put(&sgl);
+                    }
+                    ops += 1;
+                    i += 1;
+                }
+                ops
+            }));
+        }
+        let start = Instant::now();
+        let mut round = 0u64;
+        while start.elapsed().as_millis() < 300 || round < 20 {
+            for k in 0..64u64 {
+                let iova = 0x100_0000 + k * PAGE;
+                dma.add_region(iova, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+                    .unwrap();
+            }
+            for k in 0..64u64 {
+                let iova = 0x100_0000 + k * PAGE;
+                dma.remove_region(iova, PAGE).unwrap();
+            }
+            round += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            assert!(t.join().unwrap() >= 1000);
+        }
+        // Every page of the stable region was dirtied.
+        let bm = report(&dma, 0, 16 * PAGE, PAGE).unwrap();
+        assert_eq!(bits(&bm), 0xffff);
+    }
+
+    #[test]
+    fn many_regions_lookup() {
+        let dma = DmaController::new(300_000);
+        let n = 200_000u64;
+        for i in 0..n {
+            dma.add_region(i * 2 * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        assert_eq!(dma.region_count(), n as usize);
+        let t = Instant::now();
+        let mut sgl = [DmaSg::default()];
+        for i in (0..n).step_by(7) {
+            assert_eq!(
+                dma.addr_to_sgl(i * 2 * PAGE + 8, 8, &mut sgl, PROT_RW),
+                Ok(1)
+            );
+            assert_eq!(sgl[0].dma_addr as u64, i * 2 * PAGE);
+            assert_eq!(
+                dma.addr_to_sgl(i * 2 * PAGE + PAGE, 8, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        eprintln!("{} lookups in {:?}", 2 * n / 7, t.elapsed());
+        assert!(t.elapsed().as_secs() < 5);
+    }
+
+    #[test]
+    fn bitmap_helpers() {
+        assert_eq!(bitmap_size(0x10 * PAGE, PAGE), Ok(8));
+        assert_eq!(bitmap_size(65 * PAGE, PAGE), Ok(16));
+        assert_eq!(bitmap_size(PAGE + 1, PAGE), Ok(8));
+        assert_eq!(bitmap_size(PAGE - 1, PAGE), Err(Errno::EINVAL));
+        assert_eq!(bitmap_size(PAGE, 0), Err(Errno::EINVAL));
+        for k in 0..=6 {
+            for x in [
+                0u64,
+                1,
+                0x8000_0000_0000_0001,
+                0xdead_beef_cafe_f00d,
+                u64::MAX,
+            ] {
+                let g = 1u64 << k;
+                let mut expect = 0u64;
+                for i in 0..(64 >> k) {
+                    if (x >> (i * g)) & ((1u128 << g) - 1) as u64 != 0 {
+                        expect |= 1 << i;
+                    }
+                }
+                assert_eq!(squeeze(x, k as u32), expect, "squeeze {x:#x} {k}");
+                let low = x & (((1u128 << (64 >> k)) - 1) as u64);
+                let mut stretched = 0u64;
+                for i in 0..(64 >> k) {
+                    if low >> i & 1 == 1 {
+                        stretched |= (((1u128 << g) - 1) as u64) << (i * g);
+                    }
+                }
+                assert_eq!(stretch(low, k as u32), stretched, "stretch {x:#x} {k}");
+            }
+        }
+        let words = zeroed_words(3).unwrap();
+        set_bits(&words, 60, 130);
+        assert_eq!(words[0].load(Ordering::Relaxed), 0xf << 60);
+        assert_eq!(words[1].load(Ordering::Relaxed), u64::MAX);
+        assert_eq!(words[2].load(Ordering::Relaxed), 0b11);
+        set_bits(&words, 190, 1000);
+        assert_eq!(words[2].load(Ordering::Relaxed), 0b11 | (0b11 << 62));
+    }
+}

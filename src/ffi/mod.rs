@@ -1,0 +1,843 @@
+//! The C ABI of libvfio-user.so.0: thin adapters over [`crate::device`].
+//!
+//! This is the only module with `extern "C"` items. Each entry point converts
+//! its arguments, calls the Rust API, and reports failure the C way (-1 or
+//! NULL with errno). Every body runs inside [`boundary::guard`], so no panic
+//! crosses into C. The API part of `include/vfio-user/libvfio-user.h` is
+//! generated from this file by cbindgen (see build.rs); type names that the
+//! header defines by hand (enums, callback typedefs, PCI structs) are
+//! excluded from generation and only referenced.
+
+#![allow(non_camel_case_types)]
+
+pub mod boundary;
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::rc::Rc;
+
+use libc::{iovec, loff_t, size_t, ssize_t};
+
+use crate::device::dma::SglError;
+use crate::device::{
+    self, Context, DmaInfo, DmaSg, IoEventFd, MigrationDevice, RegionSetup, ResetType,
+};
+use crate::error::{Errno, Result};
+use boundary::{as_handle, from_handle, guard, into_handle, ret, set_errno, take_handle, Castable};
+
+/// Opaque context handle (`vfu_ctx_t`).
+pub struct vfu_ctx {
+    _private: [u8; 0],
+}
+/// `vfu_ctx_t`.
+pub type vfu_ctx_t = vfu_ctx;
+
+/// Opaque scatter/gather entry (`dma_sg_t`); its size is `dma_sg_size()`.
+pub struct dma_sg {
+    _private: [u8; 0],
+}
+/// `dma_sg_t`.
+pub type dma_sg_t = dma_sg;
+
+impl Castable for vfu_ctx {
+    type RustType = Context;
+}
+
+// Names defined by hand in the header preamble; excluded from generation.
+pub type vfu_trans_t = c_int;
+pub type vfu_dev_type_t = c_int;
+pub type vfu_reset_type_t = c_int;
+pub type vfu_pci_type_t = c_int;
+pub type vfu_migr_state_t = c_int;
+pub type vfu_dev_irq_type = c_int;
+pub type vfu_dma_addr_t = *mut c_void;
+pub struct vfu_pci_config_space_t {
+    _private: [u8; 0],
+}
+// The header declares these as function types; a parameter of function type
+// is a pointer to function in C, which is what these nullable pointers are.
+pub type vfu_log_fn_t = Option<unsafe extern "C" fn(*mut vfu_ctx_t, c_int, *const c_char)>;
+pub type vfu_region_access_cb_t =
+    Option<unsafe extern "C" fn(*mut vfu_ctx_t, *mut c_char, size_t, loff_t, bool) -> ssize_t>;
+pub type vfu_reset_cb_t = Option<unsafe extern "C" fn(*mut vfu_ctx_t, vfu_reset_type_t) -> c_int>;
+pub type vfu_device_quiesce_cb_t = Option<unsafe extern "C" fn(*mut vfu_ctx_t) -> c_int>;
+pub type vfu_dma_register_cb_t = Option<unsafe extern "C" fn(*mut vfu_ctx_t, *mut vfu_dma_info_t)>;
+pub type vfu_dma_unregister_cb_t =
+    Option<unsafe extern "C" fn(*mut vfu_ctx_t, *mut vfu_dma_info_t)>;
+pub type vfu_dev_irq_state_cb_t = Option<unsafe extern "C" fn(*mut vfu_ctx_t, u32, u32, bool)>;
+
+/// A guest DMA region as the register/unregister callbacks see it.
+#[repr(C)]
+pub struct vfu_dma_info {
+    /// The region in the guest's DMA address space.
+    pub iova: iovec,
+    /// Where it is mapped in this process, or NULL.
+    pub vaddr: *mut c_void,
+    /// The whole mapping that contains it, when mapped.
+    pub mapping: iovec,
+    /// Page size of the mapping.
+    pub page_size: size_t,
+    /// PROT_* of the mapping.
+    pub prot: u32,
+}
+/// `vfu_dma_info_t`.
+pub type vfu_dma_info_t = vfu_dma_info;
+
+/// Live-migration callbacks; `version` must be `VFU_MIGR_CALLBACKS_VERS`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct vfu_migration_callbacks_t {
+    pub version: c_int,
+    pub transition: Option<unsafe extern "C" fn(*mut vfu_ctx_t, vfu_migr_state_t) -> c_int>,
+    pub read_data: Option<unsafe extern "C" fn(*mut vfu_ctx_t, *mut c_void, u64) -> ssize_t>,
+    pub write_data: Option<unsafe extern "C" fn(*mut vfu_ctx_t, *mut c_void, u64) -> ssize_t>,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<vfu_dma_info>() == std::mem::size_of::<DmaInfo>());
+    assert!(std::mem::size_of::<vfu_dma_info>() == 56);
+    assert!(std::mem::offset_of!(vfu_dma_info, vaddr) == 16);
+    assert!(std::mem::offset_of!(vfu_dma_info, mapping) == 24);
+    assert!(std::mem::offset_of!(vfu_dma_info, page_size) == 40);
+    assert!(std::mem::offset_of!(vfu_dma_info, prot) == 48);
+    assert!(std::mem::size_of::<vfu_migration_callbacks_t>() == 32);
+    assert!(std::mem::size_of::<DmaSg>() == 40);
+};
+
+fn ctx<'a>(p: *mut vfu_ctx_t) -> Result<&'a Context> {
+    // SAFETY: the C API contract: a context pointer is one that
+    // vfu_create_ctx returned and vfu_destroy_ctx has not freed.
+    unsafe { from_handle(p) }.ok_or(Errno::EINVAL)
+}
+
+/// The errno a C callback left, or `fallback` when it left none.
+fn cb_errno(fallback: i32) -> Errno {
+    match boundary::errno() {
+        0 => Errno(fallback),
+        e => Errno(e),
+    }
+}
+
+fn dma_info_ptr(info: &DmaInfo) -> vfu_dma_info {
+    // SAFETY: DmaInfo and vfu_dma_info have the same repr(C) layout (checked
+    // above); a bitwise copy gives the callback its own mutable copy.
+    unsafe { std::ptr::read(info as *const DmaInfo as *const vfu_dma_info) }
+}
+
+// ---- context lifecycle ----------------------------------------------------
+
+/// Size of `dma_sg_t`.
+#[no_mangle]
+pub extern "C" fn dma_sg_size() -> size_t {
+    std::mem::size_of::<DmaSg>()
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_create_ctx(
+    trans: vfu_trans_t,
+    path: *const c_char,
+    flags: c_int,
+    pvt: *mut c_void,
+    dev_type: vfu_dev_type_t,
+) -> *mut vfu_ctx_t {
+    guard(|| {
+        if flags & !device::FLAG_ATTACH_NB != 0 {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        if trans != 0 || dev_type != 0 {
+            set_errno(libc::ENOTSUP);
+            return std::ptr::null_mut();
+        }
+        if path.is_null() {
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the shim only stores the two function pointers.
+        unsafe { vfu_log_shim_init(vfu_rs_log_enabled, vfu_rs_log_message) };
+        // SAFETY: path is a NUL-terminated string per the API contract.
+        let p = unsafe { CStr::from_ptr(path) };
+        let path = Path::new(std::ffi::OsStr::from_bytes(p.to_bytes()));
+        ret(Context::new(path, flags, pvt), |c| {
+            into_handle::<vfu_ctx>(Box::new(c))
+        })
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_realize_ctx(vfu_ctx: *mut vfu_ctx_t) -> c_int {
+    guard(|| ret(ctx(vfu_ctx).and_then(|c| c.realize()), |_| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_attach_ctx(vfu_ctx: *mut vfu_ctx_t) -> c_int {
+    guard(|| ret(ctx(vfu_ctx).and_then(|c| c.attach()), |_| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_get_poll_fd(vfu_ctx: *mut vfu_ctx_t) -> c_int {
+    guard(|| ret(ctx(vfu_ctx).map(|c| c.poll_fd()), |fd| fd))
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_run_ctx(vfu_ctx: *mut vfu_ctx_t) -> c_int {
+    guard(|| {
+        ret(ctx(vfu_ctx).and_then(|c| c.run()), |n| {
+            n.min(c_int::MAX as usize) as c_int
+        })
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_destroy_ctx(vfu_ctx: *mut vfu_ctx_t) {
+    guard(|| {
+        // SAFETY: the handle came from vfu_create_ctx and is not used again.
+        drop(unsafe { take_handle(vfu_ctx) });
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_get_private(vfu_ctx: *mut vfu_ctx_t) -> *mut c_void {
+    guard(|| ctx(vfu_ctx).map_or(std::ptr::null_mut(), |c| c.private()))
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_log(vfu_ctx: *mut vfu_ctx_t, log: vfu_log_fn_t, level: c_int) -> c_int {
+    guard(|| {
+        let f = log.map(|f| {
+            Rc::new(move |c: &Context, lvl: i32, msg: &str| {
+                let mut bytes: Vec<u8> = msg.bytes().filter(|&b| b != 0).collect();
+                bytes.push(0);
+                // SAFETY: calling the device's log function with a valid
+                // NUL-terminated string and its own context.
+                unsafe { f(as_handle(c), lvl, bytes.as_ptr() as *const c_char) };
+            }) as device::LogFn
+        });
+        ret(ctx(vfu_ctx).and_then(|c| c.setup_log(f, level)), |_| 0)
+    })
+}
+
+extern "C" {
+    fn vfu_log_shim_init(
+        enabled: extern "C" fn(*mut vfu_ctx_t, c_int) -> bool,
+        message: extern "C" fn(*mut vfu_ctx_t, c_int, *const c_char),
+    );
+}
+
+/// Called by the C `vfu_log` shim: is this level enabled?
+extern "C" fn vfu_rs_log_enabled(vfu_ctx: *mut vfu_ctx_t, level: c_int) -> bool {
+    guard(|| ctx(vfu_ctx).is_ok_and(|c| c.log_enabled(level)))
+}
+
+/// Called by the C `vfu_log` shim with the formatted message.
+extern "C" fn vfu_rs_log_message(vfu_ctx: *mut vfu_ctx_t, level: c_int, msg: *const c_char) {
+    guard(|| {
+        if msg.is_null() {
+            return;
+        }
+        if let Ok(c) = ctx(vfu_ctx) {
+            // SAFETY: the shim passes a NUL-terminated buffer.
+            let s = unsafe { CStr::from_ptr(msg) }.to_string_lossy();
+            c.log(level, &s);
+        }
+    })
+}
+
+// ---- regions & callbacks --------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_region(
+    vfu_ctx: *mut vfu_ctx_t,
+    region_idx: c_int,
+    size: size_t,
+    region_access: vfu_region_access_cb_t,
+    flags: c_int,
+    mmap_areas: *mut iovec,
+    nr_mmap_areas: u32,
+    fd: c_int,
+    offset: u64,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            let c = ctx(vfu_ctx)?;
+            if mmap_areas.is_null() != (nr_mmap_areas == 0) || region_idx < 0 {
+                return Err(Errno::EINVAL);
+            }
+            let areas = if mmap_areas.is_null() {
+                None
+            } else {
+                // SAFETY: the caller passes nr_mmap_areas iovecs.
+                let s = unsafe { std::slice::from_raw_parts(mmap_areas, nr_mmap_areas as usize) };
+                Some(
+                    s.iter()
+                        .map(|v| (v.iov_base as u64, v.iov_len as u64))
+                        .collect(),
+                )
+            };
+            let cb = region_access.map(|f| {
+                Rc::new(
+                    move |c: &Context, buf: &mut [u8], off: u64, w: bool| -> Result<usize> {
+                        set_errno(0);
+                        // SAFETY: calling the device's callback with a buffer of
+                        // the stated length and its own context.
+                        let n = unsafe {
+                            f(
+                                as_handle(c),
+                                buf.as_mut_ptr() as *mut c_char,
+                                buf.len(),
+                                off as loff_t,
+                                w,
+                            )
+                        };
+                        if n < 0 {
+                            Err(cb_errno(libc::EINVAL))
+                        } else {
+                            Ok(n as usize)
+                        }
+                    },
+                ) as device::RegionCb
+            });
+            c.setup_region(
+                region_idx as usize,
+                RegionSetup {
+                    size: size as u64,
+                    cb,
+                    flags: flags as u32,
+                    mmap_areas: areas,
+                    fd: (fd >= 0).then_some(fd),
+                    offset,
+                },
+            )
+        })();
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_device_reset_cb(
+    vfu_ctx: *mut vfu_ctx_t,
+    reset: vfu_reset_cb_t,
+) -> c_int {
+    guard(|| {
+        let cb = reset.map(|f| {
+            Rc::new(move |c: &Context, t: ResetType| -> Result<()> {
+                set_errno(0);
+                // SAFETY: calling the device's callback with its own context.
+                match unsafe { f(as_handle(c), t as c_int) } {
+                    r if r < 0 => Err(cb_errno(libc::EINVAL)),
+                    _ => Ok(()),
+                }
+            }) as device::ResetCb
+        });
+        ret(ctx(vfu_ctx).map(|c| c.setup_reset_cb(cb)), |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_device_quiesce_cb(
+    vfu_ctx: *mut vfu_ctx_t,
+    quiesce_cb: vfu_device_quiesce_cb_t,
+) {
+    guard(|| {
+        let cb = quiesce_cb.map(|f| {
+            Rc::new(move |c: &Context| -> Result<()> {
+                set_errno(0);
+                // SAFETY: calling the device's callback with its own context.
+                match unsafe { f(as_handle(c)) } {
+                    r if r < 0 => Err(cb_errno(libc::EINVAL)),
+                    _ => Ok(()),
+                }
+            }) as device::QuiesceCb
+        });
+        if let Ok(c) = ctx(vfu_ctx) {
+            c.setup_quiesce_cb(cb);
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_device_quiesced(vfu_ctx: *mut vfu_ctx_t, quiesce_errno: c_int) -> c_int {
+    guard(|| {
+        ret(
+            ctx(vfu_ctx).and_then(|c| c.device_quiesced(quiesce_errno)),
+            |_| 0,
+        )
+    })
+}
+
+fn dma_cb(f: vfu_dma_register_cb_t) -> Option<device::DmaCb> {
+    f.map(|f| {
+        Rc::new(move |c: &Context, info: &DmaInfo| {
+            let mut copy = dma_info_ptr(info);
+            // SAFETY: calling the device's callback with a valid info copy.
+            unsafe { f(as_handle(c), &mut copy) };
+        }) as device::DmaCb
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_device_dma(
+    vfu_ctx: *mut vfu_ctx_t,
+    max_regions: size_t,
+    dma_register: vfu_dma_register_cb_t,
+    dma_unregister: vfu_dma_unregister_cb_t,
+) -> c_int {
+    guard(|| {
+        let r = ctx(vfu_ctx)
+            .and_then(|c| c.setup_dma(max_regions, dma_cb(dma_register), dma_cb(dma_unregister)));
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_device_nr_irqs(
+    vfu_ctx: *mut vfu_ctx_t,
+    irq_type: vfu_dev_irq_type,
+    count: u32,
+) -> c_int {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            let t = u32::try_from(irq_type).map_err(|_| Errno::EINVAL)?;
+            c.setup_irq_count(t, count)
+        });
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_irq_state_callback(
+    vfu_ctx: *mut vfu_ctx_t,
+    irq_type: vfu_dev_irq_type,
+    cb: vfu_dev_irq_state_cb_t,
+) -> c_int {
+    guard(|| {
+        let f = cb.map(|f| {
+            Rc::new(move |c: &Context, start: u32, count: u32, mask: bool| {
+                // SAFETY: calling the device's callback with its own context.
+                unsafe { f(as_handle(c), start, count, mask) };
+            }) as device::IrqStateCb
+        });
+        let r = ctx(vfu_ctx).and_then(|c| {
+            let t = u32::try_from(irq_type).map_err(|_| Errno::EINVAL)?;
+            c.setup_irq_state_cb(t, f)
+        });
+        ret(r, |_| 0)
+    })
+}
+
+struct CMigration(vfu_migration_callbacks_t);
+
+impl MigrationDevice for CMigration {
+    fn transition(&self, c: &Context, state: u32) -> Result<()> {
+        let f = self.0.transition.ok_or(Errno::EINVAL)?;
+        set_errno(0);
+        // SAFETY: calling the device's callback with its own context.
+        match unsafe { f(as_handle(c), state as c_int) } {
+            r if r < 0 => Err(cb_errno(libc::EINVAL)),
+            _ => Ok(()),
+        }
+    }
+    fn read_data(&self, c: &Context, buf: &mut [u8]) -> Result<usize> {
+        let f = self.0.read_data.ok_or(Errno::EINVAL)?;
+        set_errno(0);
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe {
+            f(
+                as_handle(c),
+                buf.as_mut_ptr() as *mut c_void,
+                buf.len() as u64,
+            )
+        };
+        if n < 0 {
+            Err(cb_errno(libc::EINVAL))
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn write_data(&self, c: &Context, buf: &[u8]) -> Result<usize> {
+        let f = self.0.write_data.ok_or(Errno::EINVAL)?;
+        set_errno(0);
+        // SAFETY: buf is valid for buf.len() bytes; the callback only reads it.
+        let n = unsafe { f(as_handle(c), buf.as_ptr() as *mut c_void, buf.len() as u64) };
+        if n < 0 {
+            Err(cb_errno(libc::EINVAL))
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_setup_device_migration_callbacks(
+    vfu_ctx: *mut vfu_ctx_t,
+    callbacks: *const vfu_migration_callbacks_t,
+) -> c_int {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            // SAFETY: callbacks is NULL or points at a valid struct.
+            let cbs = unsafe { callbacks.as_ref() }.ok_or(Errno::EINVAL)?;
+            if cbs.version != device::migration::VFU_MIGR_CALLBACKS_VERS {
+                return Err(Errno::EINVAL);
+            }
+            c.setup_migration(Rc::new(CMigration(*cbs)))
+        });
+        ret(r, |_| 0)
+    })
+}
+
+// ---- interrupts -------------------------------------------------------------
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_irq_trigger(vfu_ctx: *mut vfu_ctx_t, subindex: u32) -> c_int {
+    guard(|| {
+        // Only the Sync IRQ table is touched, so this is sound from any thread.
+        let r = ctx(vfu_ctx).and_then(|c| {
+            c.irqs()
+                .ok_or(Errno::EINVAL)
+                .and_then(|i| i.trigger(subindex))
+        });
+        ret(r, |_| 0)
+    })
+}
+
+// ---- DMA ------------------------------------------------------------------
+
+fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: the caller passes an array of n entries from vfu_addr_to_sgl.
+    Ok(unsafe { std::slice::from_raw_parts(p as *const DmaSg, n) })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_addr_to_sgl(
+    vfu_ctx: *mut vfu_ctx_t,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
+            let out: &mut [DmaSg] = if max_nr_sgs == 0 {
+                &mut []
+            } else if sgl.is_null() {
+                return Err(SglError::Errno(Errno::EINVAL)).or_else(|e| match e {
+                    SglError::Errno(e) => Err(e),
+                    SglError::NeedMore(_) => Err(Errno::EINVAL),
+                });
+            } else {
+                // SAFETY: the caller provides room for max_nr_sgs entries.
+                unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) }
+            };
+            Ok(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot))
+        })();
+        match r {
+            Err(e) => {
+                set_errno(e.0);
+                -1
+            }
+            Ok(Ok(n)) => n as c_int,
+            Ok(Err(SglError::Errno(e))) => {
+                set_errno(e.0);
+                -1
+            }
+            Ok(Err(SglError::NeedMore(n))) => {
+                set_errno(0);
+                -(n.min(c_int::MAX as usize - 1) as c_int) - 1
+            }
+        }
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_get(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+    flags: c_int,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            // Like upstream's release build, `flags` is not checked.
+            let _ = flags;
+            let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
+            let s = self::sgl(sgl, cnt)?;
+            if cnt > 0 && iov.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            let out: &mut [iovec] = if cnt == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller provides cnt iovecs.
+                unsafe { std::slice::from_raw_parts_mut(iov, cnt) }
+            };
+            dma.sgl_get(s, out)
+        })();
+        ret(r, |_| 0)
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_mark_dirty(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
+    guard(|| {
+        if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
+            if let Some(d) = c.dma() {
+                d.sgl_mark_dirty(s);
+            }
+        }
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_put(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+) {
+    // The iovecs from vfu_sgl_get() need no release: the mappings live as
+    // long as their DMA regions.
+    let _ = iov;
+    guard(|| {
+        if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
+            if let Some(d) = c.dma() {
+                d.sgl_put(s);
+            }
+        }
+    })
+}
+
+fn sgl_rw(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+    write: bool,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            let c = ctx(vfu_ctx)?;
+            if flags & !1 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if sg_cnt != 1 {
+                return Err(Errno::ENOTSUP);
+            }
+            let s = &self::sgl(sg, 1)?[0];
+            let len = usize::try_from(s.length).map_err(|_| Errno::EINVAL)?;
+            if len > 0 && data.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            let buf: &mut [u8] = if len == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller provides a buffer of the entry's length.
+                unsafe { std::slice::from_raw_parts_mut(data as *mut u8, len) }
+            };
+            c.dma_transfer(s, buf, write, flags & 1 != 0)
+        })();
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_sgl_read(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+) -> c_int {
+    sgl_rw(vfu_ctx, sg, sg_cnt, data, flags, false)
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_sgl_write(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+) -> c_int {
+    sgl_rw(vfu_ctx, sg, sg_cnt, data, flags, true)
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sg_is_mappable(vfu_ctx: *mut vfu_ctx_t, sg: *mut dma_sg_t) -> bool {
+    guard(|| {
+        let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sg, 1)) else {
+            return false;
+        };
+        c.dma().is_some_and(|d| d.sg_is_mappable(&s[0]))
+    })
+}
+
+// ---- PCI ------------------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_init(
+    vfu_ctx: *mut vfu_ctx_t,
+    pci_type: vfu_pci_type_t,
+    hdr_type: c_int,
+    revision: c_int,
+) -> c_int {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            let t = u32::try_from(pci_type).map_err(|_| Errno::EINVAL)?;
+            c.pci_init(t, hdr_type, revision)
+        });
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_set_id(
+    vfu_ctx: *mut vfu_ctx_t,
+    vid: u16,
+    did: u16,
+    ssvid: u16,
+    ssid: u16,
+) {
+    guard(|| {
+        if let Some(p) = ctx(vfu_ctx).ok().and_then(|c| c.pci()) {
+            p.set_id(vid, did, ssvid, ssid);
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_set_class(vfu_ctx: *mut vfu_ctx_t, base: u8, sub: u8, pi: u8) {
+    guard(|| {
+        if let Some(p) = ctx(vfu_ctx).ok().and_then(|c| c.pci()) {
+            p.set_class(base, sub, pi);
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_get_config_space(vfu_ctx: *mut vfu_ctx_t) -> *mut vfu_pci_config_space_t {
+    guard(|| match ctx(vfu_ctx).ok().and_then(|c| c.pci()) {
+        Some(p) => p.as_ptr() as *mut vfu_pci_config_space_t,
+        None => {
+            set_errno(libc::EINVAL);
+            std::ptr::null_mut()
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_add_capability(
+    vfu_ctx: *mut vfu_ctx_t,
+    pos: size_t,
+    flags: c_int,
+    data: *mut c_void,
+) -> ssize_t {
+    guard(|| {
+        let r = (|| {
+            let c = ctx(vfu_ctx)?;
+            let p = c.pci().ok_or(Errno::EINVAL)?;
+            if data.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            let data = data as *const u8;
+            let mut rd = |off: usize, dst: &mut [u8]| -> Result<()> {
+                // SAFETY: the C contract is that `data` holds a whole
+                // capability; the reader is only asked for bytes within the
+                // size the capability's own header gives.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.add(off), dst.as_mut_ptr(), dst.len())
+                };
+                Ok(())
+            };
+            let has_cb = c.regions.borrow()[device::region::CFG].cb.is_some();
+            p.add_capability_raw(pos, flags, has_cb, &mut rd)
+        })();
+        ret(r, |off| off as ssize_t)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_find_capability(
+    vfu_ctx: *mut vfu_ctx_t,
+    extended: bool,
+    cap_id: c_int,
+) -> size_t {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            c.pci()
+                .ok_or(Errno::EINVAL)?
+                .find_capability(extended, cap_id)
+        });
+        ret(r, |o| o)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_pci_find_next_capability(
+    vfu_ctx: *mut vfu_ctx_t,
+    extended: bool,
+    pos: size_t,
+    cap_id: c_int,
+) -> size_t {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            c.pci()
+                .ok_or(Errno::EINVAL)?
+                .find_next_capability(extended, pos, cap_id)
+        });
+        ret(r, |o| o)
+    })
+}
+
+// ---- region I/O fds -----------------------------------------------------------
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn vfu_create_ioeventfd(
+    vfu_ctx: *mut vfu_ctx_t,
+    region_idx: u32,
+    fd: c_int,
+    gpa_offset: size_t,
+    size: u32,
+    flags: u32,
+    datamatch: u64,
+    shadow_fd: c_int,
+    shadow_offset: size_t,
+) -> c_int {
+    guard(|| {
+        let r = ctx(vfu_ctx).and_then(|c| {
+            if region_idx as usize >= device::region::NUM_REGIONS {
+                return Err(Errno::EINVAL);
+            }
+            c.create_ioeventfd(
+                region_idx as usize,
+                IoEventFd {
+                    gpa_offset: gpa_offset as u64,
+                    size: size as u64,
+                    fd,
+                    flags,
+                    datamatch,
+                    shadow_fd,
+                    shadow_offset: shadow_offset as u64,
+                },
+            )
+        });
+        ret(r, |_| 0)
+    })
+}

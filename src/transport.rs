@@ -1,0 +1,460 @@
+//! UNIX-socket transport: the listening socket, an accepted connection, and
+//! message framing with fd passing (SCM_RIGHTS).
+//!
+//! Receiving is split in two steps, header then body, so that the caller can
+//! validate the header before committing to read (and allocate for) a body.
+//! Every read loops until it has the whole requested length: a message that
+//! arrives in pieces is still received whole.
+
+use std::ffi::CString;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Errno, Result};
+use crate::protocol::{Header, HEADER_SIZE};
+
+/// Most fds we are prepared to receive with one message; more are refused as
+/// a truncated control message (and the ones that did arrive are closed).
+pub const MAX_RECV_FDS: usize = 1024;
+
+/// A listening UNIX socket bound to a path; the path is removed on drop.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+fn cvt(ret: libc::c_int) -> Result<libc::c_int> {
+    if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+impl Listener {
+    /// Creates, binds and listens on `path`. With `nonblocking`, `accept`
+    /// returns `EAGAIN` instead of waiting for a client.
+    pub fn bind(path: &Path, nonblocking: bool) -> Result<Listener> {
+        let bytes = path.as_os_str().as_bytes();
+        // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if bytes.len() >= addr.sun_path.len() {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        if bytes.contains(&0) {
+            return Err(Errno::EINVAL);
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let mut ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        if nonblocking {
+            ty |= libc::SOCK_NONBLOCK;
+        }
+        // SAFETY: plain socket(2) call.
+        let raw = cvt(unsafe { libc::socket(libc::AF_UNIX, ty, 0) })?;
+        // SAFETY: `raw` is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: addr is a valid sockaddr_un and the length matches it.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        })?;
+        // SAFETY: plain listen(2) on our socket.
+        if let Err(e) = cvt(unsafe { libc::listen(fd.as_raw_fd(), 0) }) {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Ok(Listener {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Accepts one client (`EAGAIN` when non-blocking and none is waiting).
+    pub fn accept(&self) -> Result<Conn> {
+        loop {
+            // SAFETY: accept4 with null address pointers is allowed.
+            let r = unsafe {
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if r >= 0 {
+                // SAFETY: a fresh fd from accept4 that we now own.
+                return Ok(Conn {
+                    fd: unsafe { OwnedFd::from_raw_fd(r) },
+                });
+            }
+            let e = Errno::last();
+            if e.0 != libc::EINTR {
+                return Err(e);
+            }
+        }
+    }
+
+    /// The listening fd, for poll().
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Ok(c) = CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: c is a valid NUL-terminated path.
+            unsafe { libc::unlink(c.as_ptr()) };
+        }
+    }
+}
+
+/// A received header with its fds.
+#[derive(Debug)]
+pub struct Received {
+    pub hdr: Header,
+    pub fds: Vec<OwnedFd>,
+    /// The control data was truncated or malformed.
+    pub fds_bad: bool,
+}
+
+/// A connected stream socket speaking vfio-user.
+#[derive(Debug)]
+pub struct Conn {
+    fd: OwnedFd,
+}
+
+/// Space for a control message carrying up to [`MAX_RECV_FDS`] fds.
+const CMSG_BUF_LEN: usize = 64 + MAX_RECV_FDS * std::mem::size_of::<RawFd>();
+
+/// Takes ownership of every fd in the SCM_RIGHTS messages of `msg`.
+///
+/// # Safety
+/// `msg` must describe a control buffer just filled in by recvmsg(2).
+unsafe fn take_fds(msg: &libc::msghdr, out: &mut Vec<OwnedFd>) -> Result<()> {
+    let mut bad = false;
+    // SAFETY: the caller guarantees msg came from a successful recvmsg.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: cmsg is non-null and within the control buffer.
+        let c = unsafe { &*cmsg };
+        if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: computing the data offset of a valid cmsg.
+            let data = unsafe { libc::CMSG_DATA(cmsg) } as *const RawFd;
+            let hdr_len = unsafe { libc::CMSG_LEN(0) } as usize;
+            let len = (c.cmsg_len as usize).saturating_sub(hdr_len);
+            if len % std::mem::size_of::<RawFd>() != 0 {
+                bad = true;
+            }
+            for i in 0..len / std::mem::size_of::<RawFd>() {
+                // SAFETY: the kernel wrote `len` bytes of fds after the header;
+                // each one is a new descriptor owned by this process.
+                let fd = unsafe { std::ptr::read_unaligned(data.add(i)) };
+                if fd >= 0 {
+                    // SAFETY: as above, the descriptor is ours to own.
+                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        // SAFETY: advancing within the buffer described by msg.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    if bad {
+        Err(Errno::EINVAL)
+    } else {
+        Ok(())
+    }
+}
+
+impl Conn {
+    /// Wraps an already connected socket.
+    pub fn from_fd(fd: OwnedFd) -> Conn {
+        Conn { fd }
+    }
+
+    /// The socket fd, for poll().
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Receives one message header and the fds sent with it.
+    ///
+    /// With `nonblocking`, returns `EAGAIN` when no byte is waiting; once the
+    /// first byte has arrived the rest of the header is waited for. Errors:
+    /// `ENOMSG` when the peer closed the connection cleanly, `ECONNRESET` when
+    /// it closed in the middle of a header. Control data that was truncated
+    /// (more fds than we take) or malformed is reported in
+    /// [`Received::fds_bad`] with whatever fds did arrive, so that the caller
+    /// can still read the body and answer with an error.
+    pub fn recv_header(&self, nonblocking: bool) -> Result<Received> {
+        let mut buf = [0u8; HEADER_SIZE];
+        let mut cbuf = vec![0u64; CMSG_BUF_LEN / 8];
+        let mut fds = Vec::new();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: HEADER_SIZE,
+        };
+        // SAFETY: msghdr is plain old data; zero is a valid starting value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = CMSG_BUF_LEN as _;
+        let mut flags = libc::MSG_CMSG_CLOEXEC;
+        if nonblocking {
+            flags |= libc::MSG_DONTWAIT;
+        }
+        let n = loop {
+            // SAFETY: msg points at live buffers of the stated sizes.
+            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, flags) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = Errno::last();
+            if e.0 != libc::EINTR {
+                return Err(e);
+            }
+        };
+        // SAFETY: msg was just filled in by recvmsg.
+        let fd_res = unsafe { take_fds(&msg, &mut fds) };
+        if n == 0 {
+            return Err(Errno(libc::ENOMSG));
+        }
+        let fds_bad = msg.msg_flags & libc::MSG_CTRUNC != 0 || fd_res.is_err();
+        if n < HEADER_SIZE {
+            self.recv_exact(&mut buf[n..]).map_err(|e| {
+                if e.0 == libc::ENOMSG {
+                    Errno(libc::ECONNRESET)
+                } else {
+                    e
+                }
+            })?;
+        }
+        Ok(Received {
+            hdr: Header::decode(&buf),
+            fds,
+            fds_bad,
+        })
+    }
+
+    /// Fills `buf` completely, waiting as needed. `ENOMSG` if the peer closed
+    /// before anything arrived, `ECONNRESET` if it closed part way.
+    pub fn recv_exact(&self, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: rest is a valid writable buffer of rest.len() bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr() as *mut libc::c_void,
+                    rest.len(),
+                    libc::MSG_WAITALL,
+                )
+            };
+            if n < 0 {
+                let e = Errno::last();
+                if e.0 == libc::EINTR {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(Errno(if done == 0 {
+                    libc::ENOMSG
+                } else {
+                    libc::ECONNRESET
+                }));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Sends a header followed by `parts`, passing `fds` with the first byte.
+    /// A peer that went away is reported as `ECONNRESET`.
+    pub fn send(&self, hdr: &Header, parts: &[&[u8]], fds: &[RawFd]) -> Result<()> {
+        let h = hdr.encode();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+        slices.push(IoSlice::new(&h));
+        slices.extend(
+            parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        let mut cbuf = vec![0u64; (64 + std::mem::size_of_val(fds)).div_ceil(8)];
+        let mut sent = 0usize;
+        let mut first = true;
+        while sent < total {
+            // Build the iovec list for what is left.
+            let mut skip = sent;
+            let mut iov: Vec<libc::iovec> = Vec::with_capacity(slices.len());
+            for s in &slices {
+                if skip >= s.len() {
+                    skip -= s.len();
+                    continue;
+                }
+                iov.push(libc::iovec {
+                    iov_base: s[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: s.len() - skip,
+                });
+                skip = 0;
+            }
+            // SAFETY: msghdr is plain old data; zero is a valid starting value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len() as _;
+            if first && !fds.is_empty() {
+                let data_len = std::mem::size_of_val(fds);
+                // SAFETY: CMSG_SPACE is a pure computation.
+                let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
+                msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+                msg.msg_controllen = space as _;
+                // SAFETY: the control buffer is at least `space` bytes long
+                // (64 bytes of slack cover the cmsg header and alignment).
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&msg);
+                    (*c).cmsg_level = libc::SOL_SOCKET;
+                    (*c).cmsg_type = libc::SCM_RIGHTS;
+                    (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
+                    std::ptr::copy_nonoverlapping(
+                        fds.as_ptr() as *const u8,
+                        libc::CMSG_DATA(c),
+                        data_len,
+                    );
+                }
+            }
+            // SAFETY: msg describes live buffers.
+            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                let e = Errno::last();
+                match e.0 {
+                    libc::EINTR => continue,
+                    libc::EPIPE => return Err(Errno(libc::ECONNRESET)),
+                    _ => return Err(e),
+                }
+            }
+            first = false;
+            sent += n as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Creates a connected pair of stream sockets (for the twin socket and tests).
+pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds has room for the two descriptors socketpair writes.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both fds are fresh and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::cmd;
+
+    #[test]
+    fn header_and_body_survive_byte_by_byte_delivery() {
+        let (a, b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        let client = Conn::from_fd(b);
+        let t = std::thread::spawn(move || {
+            let h = Header {
+                msg_id: 3,
+                cmd: cmd::REGION_WRITE,
+                msg_size: 20,
+                flags: 0,
+                error_no: 0,
+            };
+            let mut all = h.encode().to_vec();
+            all.extend_from_slice(&[1, 2, 3, 4]);
+            for byte in all {
+                client.send_raw(&[byte]);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            client
+        });
+        let r = server.recv_header(false).unwrap();
+        assert!(r.fds.is_empty() && !r.fds_bad);
+        assert_eq!(r.hdr.msg_size, 20);
+        let mut body = [0u8; 4];
+        server.recv_exact(&mut body).unwrap();
+        assert_eq!(body, [1, 2, 3, 4]);
+        drop(t.join().unwrap());
+        assert_eq!(server.recv_header(false).unwrap_err(), Errno(libc::ENOMSG));
+    }
+
+    #[test]
+    fn fds_are_passed_and_owned() {
+        let (a, b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        let client = Conn::from_fd(b);
+        let (x, _y) = socketpair().unwrap();
+        let h = Header {
+            msg_id: 1,
+            cmd: cmd::DMA_MAP,
+            msg_size: 16,
+            flags: 0,
+            error_no: 0,
+        };
+        client
+            .send(&h, &[], &[x.as_raw_fd(), x.as_raw_fd()])
+            .unwrap();
+        let r = server.recv_header(false).unwrap();
+        assert_eq!(r.hdr, h);
+        assert_eq!(r.fds.len(), 2);
+        assert_ne!(r.fds[0].as_raw_fd(), x.as_raw_fd());
+    }
+
+    #[test]
+    fn nonblocking_header_reports_eagain() {
+        let (a, _b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        assert_eq!(server.recv_header(true).unwrap_err(), Errno::EAGAIN);
+    }
+
+    #[test]
+    fn send_to_closed_peer_is_econnreset() {
+        let (a, b) = socketpair().unwrap();
+        drop(b);
+        let c = Conn::from_fd(a);
+        let h = Header::default();
+        assert_eq!(
+            c.send(&h, &[b"x"], &[]).unwrap_err(),
+            Errno(libc::ECONNRESET)
+        );
+    }
+
+    impl Conn {
+        fn send_raw(&self, b: &[u8]) {
+            // SAFETY: b is a valid buffer.
+            let n = unsafe { libc::send(self.as_raw_fd(), b.as_ptr() as *const _, b.len(), 0) };
+            assert_eq!(n as usize, b.len());
+        }
+    }
+}
