@@ -209,7 +209,8 @@ impl Context {
             None => {
                 let conn = self.conn.borrow().clone().ok_or(Errno::ENOTCONN)?;
                 match self.read_request(&conn) {
-                    Ok(r) => r,
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err(Errno(libc::ENOMSG)),
                     Err(e) if e.0 == libc::ENOMSG || e.0 == libc::ECONNRESET => {
                         self.logf(lv::DEBUG, format_args!("client went away: {e}"));
                         self.reset_ctx()?;
@@ -245,8 +246,9 @@ impl Context {
 
     /// Reads one request off the socket. A request with a bad header is
     /// answered here (its body, when its size is sane, is read and dropped so
-    /// that the stream stays in step) and reported as `ENOMSG`.
-    fn read_request(&self, conn: &Conn) -> Result<Request> {
+    /// that the stream stays in step) and reported as `None`. `ENOMSG` and
+    /// `ECONNRESET` mean the client went away.
+    fn read_request(&self, conn: &Conn) -> Result<Option<Request>> {
         let rx = conn.recv_header(self.is_nonblocking())?;
         let hdr = rx.hdr;
         let size = hdr.msg_size as usize;
@@ -273,13 +275,13 @@ impl Context {
             );
             drop(rx.fds);
             self.send_reply(&hdr, Err(Errno::EINVAL))?;
-            return Err(Errno(libc::ENOMSG));
+            return Ok(None);
         }
-        Ok(Request {
+        Ok(Some(Request {
             hdr,
             body,
             fds: rx.fds,
-        })
+        }))
     }
 
     /// Checks that may refuse a request before any quiesce.
@@ -334,10 +336,10 @@ impl Context {
         };
         match sent {
             Ok(()) => Ok(()),
-            Err(e) if e.0 == libc::ECONNRESET || e.0 == libc::ENOMSG => {
-                self.reset_ctx()?;
-                Err(Errno::ENOTCONN)
-            }
+            // Like upstream, a reply that fails because the client went away
+            // resets the context and is not itself an error: the next call
+            // reports ENOTCONN.
+            Err(e) if e.0 == libc::ECONNRESET || e.0 == libc::ENOMSG => self.reset_ctx(),
             Err(e) => Err(e),
         }
     }
@@ -426,11 +428,7 @@ impl Context {
             }
             cmd::MIG_DATA_WRITE => {
                 let dev = CtxMig(self);
-                let max = self
-                    .client
-                    .get()
-                    .max_data_xfer_size
-                    .max(SERVER_MAX_DATA_XFER_SIZE);
+                let max = self.client.get().max_data_xfer_size;
                 let out =
                     super::migration::handle_mig_data_write(self.migration.get(), &dev, body, max)?;
                 Ok(Reply::body(out))

@@ -237,7 +237,11 @@ pub fn get_region_io_fds(regions: &[Region], payload: &[u8]) -> Result<(Vec<u8>,
     out.put_u32(index);
     out.put_u32(n as u32);
     let mut fds: Vec<RawFd> = Vec::new();
+    // An ioeventfd without an fd (-1) is listed with fd_index -1.
     let fd_index = |fd: RawFd, fds: &mut Vec<RawFd>| -> u32 {
+        if fd < 0 {
+            return u32::MAX;
+        }
         match fds.iter().position(|&f| f == fd) {
             Some(i) => i as u32,
             None => {

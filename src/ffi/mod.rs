@@ -209,9 +209,12 @@ pub extern "C" fn vfu_setup_log(vfu_ctx: *mut vfu_ctx_t, log: vfu_log_fn_t, leve
             Rc::new(move |c: &Context, lvl: i32, msg: &str| {
                 let mut bytes: Vec<u8> = msg.bytes().filter(|&b| b != 0).collect();
                 bytes.push(0);
+                // Logging must not disturb the errno a failing callback left.
+                let saved = boundary::errno();
                 // SAFETY: calling the device's log function with a valid
                 // NUL-terminated string and its own context.
                 unsafe { f(as_handle(c), lvl, bytes.as_ptr() as *const c_char) };
+                set_errno(saved);
             }) as device::LogFn
         });
         ret(ctx(vfu_ctx).and_then(|c| c.setup_log(f, level)), |_| 0)
