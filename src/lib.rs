@@ -8,6 +8,7 @@
 //!   IRQs, DMA, migration);
 //! - `ffi`: the `extern "C"` functions of the C library.
 
+pub mod client;
 pub mod device;
 pub mod error;
 pub mod protocol;

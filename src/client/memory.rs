@@ -76,7 +76,11 @@ impl GuestMemory {
         if ptr == libc::MAP_FAILED {
             return Err(Errno::last());
         }
-        Ok(GuestMemory { fd, ptr: ptr as *mut u8, len })
+        Ok(GuestMemory {
+            fd,
+            ptr: ptr as *mut u8,
+            len,
+        })
     }
 
     /// Size in bytes.
@@ -167,16 +171,31 @@ impl DmaSpace {
     /// Places `len` bytes of `mem`, starting at `mem_offset`, at `iova`.
     /// `EINVAL` for an empty or out-of-bounds range, or one overlapping a
     /// range already placed.
-    pub fn insert(&mut self, iova: u64, len: u64, mem: Arc<GuestMemory>, mem_offset: u64) -> Result<(), Errno> {
+    pub fn insert(
+        &mut self,
+        iova: u64,
+        len: u64,
+        mem: Arc<GuestMemory>,
+        mem_offset: u64,
+    ) -> Result<(), Errno> {
         let end = iova.checked_add(len).ok_or(Errno::EINVAL)?;
         let mem_end = mem_offset.checked_add(len).ok_or(Errno::EINVAL)?;
         if len == 0 || mem_end > mem.len() as u64 {
             return Err(Errno::EINVAL);
         }
-        if self.maps.iter().any(|m| iova < m.iova + m.len && m.iova < end) {
+        if self
+            .maps
+            .iter()
+            .any(|m| iova < m.iova + m.len && m.iova < end)
+        {
             return Err(Errno::EINVAL);
         }
-        self.maps.push(Mapping { iova, len, mem, mem_offset });
+        self.maps.push(Mapping {
+            iova,
+            len,
+            mem,
+            mem_offset,
+        });
         Ok(())
     }
 
@@ -243,14 +262,22 @@ impl EventFd {
             return Err(Errno::last());
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
     }
 
     /// Reads and resets the counter; `None` when it is zero.
     pub fn try_read(&self) -> Option<u64> {
         let mut v = 0u64;
         // SAFETY: reads at most 8 bytes into a live u64.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
         (n == 8).then_some(v)
     }
 
@@ -263,7 +290,11 @@ impl EventFd {
                 return Some(v);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut p = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut p, 1, ms) };
@@ -273,7 +304,13 @@ impl EventFd {
     /// Adds `v` to the counter (as a device would).
     pub fn signal(&self, v: u64) -> Result<(), Errno> {
         // SAFETY: writes 8 bytes from a live u64.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), &v as *const u64 as *const libc::c_void, 8) };
+        let n = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                &v as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
         if n == 8 {
             Ok(())
         } else {
@@ -308,7 +345,14 @@ mod tests {
         // The same bytes through the fd.
         let mut b = [0u8; 6];
         // SAFETY: pread into a live buffer of the stated size.
-        let n = unsafe { libc::pread(m.fd().as_raw_fd(), b.as_mut_ptr() as *mut libc::c_void, 6, 4090) };
+        let n = unsafe {
+            libc::pread(
+                m.fd().as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                6,
+                4090,
+            )
+        };
         assert_eq!(n, 6);
         assert_eq!(&b, b"abcdef");
         assert_eq!(GuestMemory::new(0).err(), Some(Errno::EINVAL));
@@ -320,7 +364,10 @@ mod tests {
         let mut s = DmaSpace::new();
         s.insert(0x10000, 0x1000, m.clone(), 0x2000).unwrap();
         assert_eq!(s.insert(0x10800, 0x1000, m.clone(), 0), Err(Errno::EINVAL));
-        assert_eq!(s.insert(0x20000, 0x2000, m.clone(), 0x2000), Err(Errno::EINVAL));
+        assert_eq!(
+            s.insert(0x20000, 0x2000, m.clone(), 0x2000),
+            Err(Errno::EINVAL)
+        );
         s.dma_write(0x10ff0, &[7; 16]).unwrap();
         assert_eq!(m.read_vec(0x2ff0, 16).unwrap(), vec![7; 16]);
         assert_eq!(s.dma_write(0x10ff8, &[7; 16]), Err(Errno::EFAULT));

@@ -513,7 +513,7 @@ impl Context {
                 }
             };
             let has_cb = cb.is_some();
-            let d: Option<&mut dyn FnMut(&mut [u8], u64, bool) -> Result<usize>> =
+            let d: Option<&mut super::pci::CfgCallback<'_>> =
                 if has_cb { Some(&mut delegate) } else { None };
             let n = pci.access(buf, offset, is_write, d, false, &bars)?;
             if pci.take_flr_request() {

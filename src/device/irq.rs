@@ -184,8 +184,8 @@ impl Irqs {
             && !(special && count > 1)
             && !(count == 0 && start != 0)
             && !(count == 0 && (action != IRQ_SET_ACTION_TRIGGER || dtype != IRQ_SET_DATA_NONE))
-            && !(!fds.is_empty() && dtype != IRQ_SET_DATA_EVENTFD)
-            && !(!fds.is_empty() && fds.len() != count as usize);
+            && (fds.is_empty() || dtype == IRQ_SET_DATA_EVENTFD)
+            && (fds.is_empty() || fds.len() == count as usize);
         if !valid {
             return Err(Errno::EINVAL);
         }

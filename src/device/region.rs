@@ -225,7 +225,7 @@ pub fn get_region_io_fds(regions: &[Region], payload: &[u8]) -> Result<(Vec<u8>,
     if r.flags & FLAG_MASK == 0 {
         return Err(Errno::EINVAL);
     }
-    if argsz < REGION_IO_FDS_SIZE || argsz > SERVER_MAX_DATA_XFER_SIZE {
+    if !(REGION_IO_FDS_SIZE..=SERVER_MAX_DATA_XFER_SIZE).contains(&argsz) {
         return Err(Errno::EINVAL);
     }
     let n = r.ioeventfds.len();

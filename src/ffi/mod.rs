@@ -534,10 +534,7 @@ pub extern "C" fn vfu_addr_to_sgl(
             let out: &mut [DmaSg] = if max_nr_sgs == 0 {
                 &mut []
             } else if sgl.is_null() {
-                return Err(SglError::Errno(Errno::EINVAL)).or_else(|e| match e {
-                    SglError::Errno(e) => Err(e),
-                    SglError::NeedMore(_) => Err(Errno::EINVAL),
-                });
+                return Err(Errno::EINVAL);
             } else {
                 // SAFETY: the caller provides room for max_nr_sgs entries.
                 unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) }
