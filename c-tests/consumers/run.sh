@@ -75,9 +75,12 @@ check_dynamic() {
     log "NEEDED: ${needed//$'\n'/ }"
     grep -qx 'libvfio-user\.so\.0' <<<"$needed" ||
         die "$bin has no NEEDED entry libvfio-user.so.0"
-    if grep -E 'vfio[-_]user' <<<"$needed" | grep -qvx 'libvfio-user\.so\.0'; then
-        die "$bin has an unexpected vfio-user NEEDED entry"
-    fi
+    local entry
+    while IFS= read -r entry; do
+        if [[ $entry == *vfio[-_]user* && $entry != libvfio-user.so.0 ]]; then
+            die "$bin has an unexpected NEEDED entry $entry"
+        fi
+    done <<<"$needed"
     resolved=$(LD_LIBRARY_PATH="$PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ldd "$bin" |
         sed -n 's/^[[:space:]]*libvfio-user\.so\.0 => \([^ ]*\).*/\1/p')
     log "libvfio-user.so.0 => $resolved"
@@ -109,7 +112,7 @@ cmake_build() {
 
 consumer_install_layout() {
     need readelf nm ar pkg-config
-    local lib="$PREFIX/lib" version soname f
+    local lib="$PREFIX/lib" version soname f n
     version=$(pc --modversion libvfio-user)
     log "version: $version"
     [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "odd version '$version'"
@@ -122,8 +125,9 @@ consumer_install_layout() {
     soname=$(readelf -d "$lib/libvfio-user.so.$version" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
     [[ $soname == libvfio-user.so.0 ]] || die "SONAME is '$soname', not libvfio-user.so.0"
     ar t "$lib/libvfio-user.a" >/dev/null || die "libvfio-user.a is not an archive"
-    nm --defined-only "$lib/libvfio-user.a" 2>/dev/null | grep -q ' T vfu_create_ctx$' ||
-        die "libvfio-user.a does not define vfu_create_ctx"
+    # (grep -c, not grep -q: an early exit would SIGPIPE nm under pipefail.)
+    n=$(nm --defined-only "$lib/libvfio-user.a" 2>/dev/null | grep -c ' T vfu_create_ctx$' || true)
+    [[ $n -ge 1 ]] || die "libvfio-user.a does not define vfu_create_ctx"
     for f in libvfio-user.h vfio-user.h pci_defs.h \
         pci_caps/common.h pci_caps/dsn.h pci_caps/msi.h pci_caps/msix.h \
         pci_caps/pm.h pci_caps/px.h; do
@@ -282,7 +286,7 @@ consumer_cmake_version() {
     # Version ranges need CMake 3.19.
     local cmv
     cmv=$(cmake --version | sed -n '1s/^cmake version \([0-9]*\.[0-9]*\).*/\1/p')
-    if [[ $(printf '%s\n' 3.19 "$cmv" | sort -V | head -n 1) == 3.19 ]]; then
+    if [[ $(printf '%s\n' 3.19 "$cmv" | sort -V | sed -n 1p) == 3.19 ]]; then
         cases+=(
             "$major.$minor...$((major + 1)).0|ON"
             "$major.$minor...$version|ON"

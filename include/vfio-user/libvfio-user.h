@@ -197,9 +197,6 @@ void *vfu_get_private(vfu_ctx_t *vfu_ctx);
 
 int vfu_setup_log(vfu_ctx_t *vfu_ctx, vfu_log_fn_t log, int level);
 
-extern void vfu_log_shim_init(bool (*enabled)(vfu_ctx_t*, int),
-                              void (*message)(vfu_ctx_t*, int, const char*));
-
 int vfu_setup_region(vfu_ctx_t *vfu_ctx,
                      int region_idx,
                      size_t size,

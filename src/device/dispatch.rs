@@ -221,7 +221,7 @@ impl Context {
             }
         };
         if let Some(err) = self.precheck(&req) {
-            self.send_reply(&req.hdr, Err(err))?;
+            self.send_reply(&req.hdr, &Err(err))?;
             return Err(Errno(libc::ENOMSG));
         }
         if self.command_needs_quiesce(&req) {
@@ -235,7 +235,7 @@ impl Context {
                         return Err(Errno::EBUSY);
                     }
                     Err(e) => {
-                        self.send_reply(&req.hdr, Err(e))?;
+                        self.send_reply(&req.hdr, &Err(e))?;
                         return Err(Errno(libc::ENOMSG));
                     }
                 }
@@ -253,7 +253,10 @@ impl Context {
         let hdr = rx.hdr;
         let size = hdr.msg_size as usize;
         let sane = (HEADER_SIZE..=SERVER_MAX_MSG_SIZE).contains(&size);
-        let mut body = Vec::new();
+        // The body goes into the context's spare buffer: no allocation per
+        // message once it has grown to the working size.
+        let mut body = std::mem::take(&mut *self.rx_spare.borrow_mut());
+        body.clear();
         if sane && size > HEADER_SIZE {
             body.resize(size - HEADER_SIZE, 0);
             conn.recv_exact(&mut body).map_err(|e| {
@@ -274,7 +277,7 @@ impl Context {
                 format_args!("msg{:#x}: bad header {:?}", hdr.msg_id, hdr),
             );
             drop(rx.fds);
-            self.send_reply(&hdr, Err(Errno::EINVAL))?;
+            self.send_reply(&hdr, &Err(Errno::EINVAL))?;
             return Ok(None);
         }
         Ok(Some(Request {
@@ -317,20 +320,33 @@ impl Context {
                 format_args!("msg{:#x}: cmd {} failed: {e}", req.hdr.msg_id, req.hdr.cmd),
             );
         }
-        // Unused fds are closed here when `req` drops.
-        self.send_reply(&req.hdr, res)
+        let sent = self.send_reply(&req.hdr, &res);
+        // Keep both buffers for the next request; unused fds are closed
+        // when `req` drops.
+        *self.rx_spare.borrow_mut() = std::mem::take(&mut req.body);
+        if let Ok(r) = res {
+            *self.tx_spare.borrow_mut() = r.body;
+        }
+        sent
+    }
+
+    /// An empty reply buffer, reusing the spare one.
+    fn reply_buf(&self) -> Vec<u8> {
+        let mut b = std::mem::take(&mut *self.tx_spare.borrow_mut());
+        b.clear();
+        b
     }
 
     /// Sends the reply for `hdr` (unless the client asked for none). A client
     /// that went away resets the context and reports `ENOTCONN`.
-    fn send_reply(&self, hdr: &Header, res: Result<Reply>) -> Result<()> {
+    fn send_reply(&self, hdr: &Header, res: &Result<Reply>) -> Result<()> {
         if hdr.no_reply() {
             return Ok(());
         }
         let Some(conn) = self.conn.borrow().clone() else {
             return Err(Errno::ENOTCONN);
         };
-        let sent = match &res {
+        let sent = match res {
             Ok(r) => conn.send(&hdr.reply(r.body.len(), 0), &[&r.body], &r.fds),
             Err(e) => conn.send(&hdr.reply(0, e.0), &[], &[]),
         };
@@ -392,8 +408,10 @@ impl Context {
                 }
                 Ok(Reply::empty())
             }
-            cmd::REGION_READ | cmd::REGION_WRITE => self.handle_region_access(req.hdr.cmd, body),
-            cmd::REGION_WRITE_MULTI => self.handle_write_multi(body),
+            cmd::REGION_READ | cmd::REGION_WRITE => {
+                self.handle_region_access(req.hdr.cmd, &mut req.body)
+            }
+            cmd::REGION_WRITE_MULTI => self.handle_write_multi(&mut req.body),
             cmd::DEVICE_RESET => {
                 self.logf(lv::INFO, format_args!("device reset by client"));
                 self.call_reset(ResetType::Device)?;
@@ -439,7 +457,7 @@ impl Context {
 
     // ---- region access ---------------------------------------------------
 
-    fn handle_region_access(&self, command: u16, body: &[u8]) -> Result<Reply> {
+    fn handle_region_access(&self, command: u16, body: &mut [u8]) -> Result<Reply> {
         if body.len() < REGION_ACCESS_SIZE {
             return Err(Errno::EINVAL);
         }
@@ -468,11 +486,11 @@ impl Context {
         if count == 0 {
             return Ok(Reply::empty());
         }
-        let mut out = Vec::with_capacity(REGION_ACCESS_SIZE + if is_write { 0 } else { count });
+        let mut out = self.reply_buf();
         out.extend_from_slice(&body[..REGION_ACCESS_SIZE]);
         if is_write {
-            let mut data = body[REGION_ACCESS_SIZE..].to_vec();
-            self.region_access(idx as usize, &mut data, offset, true)?;
+            // The device reads the data straight out of the request buffer.
+            self.region_access(idx as usize, &mut body[REGION_ACCESS_SIZE..], offset, true)?;
         } else {
             out.resize(REGION_ACCESS_SIZE + count, 0);
             self.region_access(idx as usize, &mut out[REGION_ACCESS_SIZE..], offset, false)?;
@@ -496,16 +514,13 @@ impl Context {
         };
         let n = if idx == region::CFG && flags & region::FLAG_ALWAYS_CB == 0 {
             let pci = self.pci().ok_or(Errno::EINVAL)?;
-            let bars: Vec<super::pci::BarInfo> = self
-                .regions
-                .borrow()
-                .iter()
-                .take(region::ROM + 1)
-                .map(|r| super::pci::BarInfo {
+            let mut bars = [super::pci::BarInfo::default(); region::ROM + 1];
+            for (b, r) in bars.iter_mut().zip(self.regions.borrow().iter()) {
+                *b = super::pci::BarInfo {
                     size: r.size,
                     flags: r.flags,
-                })
-                .collect();
+                };
+            }
             let mut delegate = |b: &mut [u8], off: u64, w: bool| -> Result<usize> {
                 match &cb {
                     Some(cb) => cb(self, b, off, w),
@@ -530,7 +545,7 @@ impl Context {
         Ok(())
     }
 
-    fn handle_write_multi(&self, body: &[u8]) -> Result<Reply> {
+    fn handle_write_multi(&self, body: &mut [u8]) -> Result<Reply> {
         let n = body.u64_at(0)?;
         if n == 0 || n > WRITE_MULTI_MAX as u64 {
             return Err(Errno::EINVAL);
@@ -540,7 +555,7 @@ impl Context {
             return Err(Errno::EINVAL);
         }
         for i in 0..n {
-            let e = &body[8 + i * WRITE_MULTI_ENTRY_SIZE..8 + (i + 1) * WRITE_MULTI_ENTRY_SIZE];
+            let e = &mut body[8 + i * WRITE_MULTI_ENTRY_SIZE..8 + (i + 1) * WRITE_MULTI_ENTRY_SIZE];
             let offset = e.u64_at(0)?;
             let idx = e.u32_at(8)?;
             let count = e.u32_at(12)? as usize;
@@ -556,8 +571,7 @@ impl Context {
             if offset.saturating_add(count as u64) > size {
                 return Err(Errno::EINVAL);
             }
-            let mut data = e[16..16 + count].to_vec();
-            self.region_access(idx as usize, &mut data, offset, true)?;
+            self.region_access(idx as usize, &mut e[16..16 + count], offset, true)?;
         }
         Ok(Reply::empty())
     }

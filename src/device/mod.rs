@@ -114,6 +114,9 @@ pub struct Context {
     pub(crate) dma_max_regions: Cell<usize>,
     pub(crate) migration: OnceCell<migration::Migration>,
     pub(crate) pending: RefCell<dispatch::Pending>,
+    /// Request and reply buffers kept between messages.
+    pub(crate) rx_spare: RefCell<Vec<u8>>,
+    pub(crate) tx_spare: RefCell<Vec<u8>>,
     pub(crate) quiesced: Cell<bool>,
     realized: Cell<bool>,
     pub(crate) next_msg_id: Cell<u16>,
@@ -163,6 +166,8 @@ impl Context {
             dma_max_regions: Cell::new(0),
             migration: OnceCell::new(),
             pending: RefCell::new(dispatch::Pending::None),
+            rx_spare: RefCell::new(Vec::new()),
+            tx_spare: RefCell::new(Vec::new()),
             quiesced: Cell::new(false),
             realized: Cell::new(false),
             next_msg_id: Cell::new(1),
