@@ -182,3 +182,26 @@ check-consumers: $(BUILD_DEP)
 
 clean:
 	$(CARGO) clean --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)'
+
+# ---------------------------------------------------------------------------
+# The README's test command: every check the project has, each printing its
+# own "N passed, M failed" (or cargo's) summary. Stops at the first failure.
+CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
+
+.PHONY: check check-rust check-c
+check: check-rust check-c
+	@echo "make check: all checks passed"
+
+check-rust:
+	$(CARGO) fmt --manifest-path '$(SRCDIR)/Cargo.toml' --all -- --check
+	$(CARGO) clippy --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)' \
+		--all-targets -- -D warnings
+	$(CARGO) test --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)'
+
+check-c: build
+	rm -rf '$(CHECK_PREFIX)'
+	$(MAKE) -f '$(SRCDIR)/Makefile' install NO_BUILD=1 PREFIX='$(CHECK_PREFIX)' DESTDIR=
+	bash '$(SRCDIR)/c-tests/abi/run.sh' '$(CHECK_PREFIX)/include' '$(CHECK_PREFIX)/lib'
+	bash '$(SRCDIR)/c-tests/consumers/run.sh' '$(CHECK_PREFIX)'
+	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
+		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi

@@ -168,6 +168,32 @@ struct vfu_migration_callbacks_t {
     ssize_t (*write_data)(vfu_ctx_t*, void*, uint64_t);
 };
 
+/*
+ A guest DMA region as the register/unregister callbacks see it.
+ */
+struct vfu_dma_info {
+    /*
+     The region in the guest's DMA address space.
+     */
+    struct iovec iova;
+    /*
+     Where it is mapped in this process, or NULL.
+     */
+    void *vaddr;
+    /*
+     The whole mapping that contains it, when mapped.
+     */
+    struct iovec mapping;
+    /*
+     Page size of the mapping.
+     */
+    size_t page_size;
+    /*
+     PROT_* of the mapping.
+     */
+    uint32_t prot;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
