@@ -7,7 +7,6 @@
 //! arrives in pieces is still received whole.
 
 use std::ffi::CString;
-use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};

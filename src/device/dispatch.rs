@@ -692,15 +692,28 @@ impl Context {
         };
         let id = self.next_msg_id.get();
         self.next_msg_id.set(id.wrapping_add(1));
-        let mut head = Vec::with_capacity(DMA_REGION_ACCESS_SIZE);
-        head.put_u64(addr);
-        head.put_u64(data.len() as u64);
+        let qemu = self.client.get().qemu_dma_layout;
+        // Spec layout: {addr u64, count u64, data}. QEMU's: {addr u64,
+        // count u32, data} in a struct padded to 16 bytes, so its messages
+        // carry 4 bytes after the data. A read request is the same 16 bytes
+        // in both (count < 4 GiB, little endian).
+        let mut head = [0u8; DMA_REGION_ACCESS_SIZE];
+        head[..8].copy_from_slice(&addr.to_le_bytes());
+        let head_len = if qemu && is_write {
+            head[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            12
+        } else {
+            head[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            16
+        };
+        let pad = [0u8; 4];
         let command = if is_write {
             cmd::DMA_WRITE
         } else {
             cmd::DMA_READ
         };
-        let payload_len = head.len() + if is_write { data.len() } else { 0 };
+        let tail: &[u8] = if qemu && is_write { &pad } else { &[] };
+        let payload_len = head_len + if is_write { data.len() } else { 0 } + tail.len();
         let h = Header {
             msg_id: id,
             cmd: command,
@@ -708,7 +721,7 @@ impl Context {
             flags: flags::TYPE_COMMAND,
             error_no: 0,
         };
-        let parts: [&[u8]; 2] = [&head, if is_write { data } else { &[] }];
+        let parts: [&[u8]; 3] = [&head[..head_len], if is_write { data } else { &[] }, tail];
         let r = conn.send(&h, &parts, &[]);
         let r = r
             .and_then(|()| self.await_dma_reply(&conn, on_main, id, command, addr, data, is_write));
@@ -767,6 +780,18 @@ impl Context {
                 } else {
                     e as i32
                 }));
+            }
+            if self.client.get().qemu_dma_layout {
+                // QEMU answers a write with a bare header and a read with
+                // {addr u64, count u32, data, 4 bytes}.
+                if is_write {
+                    return Ok(());
+                }
+                if body.u64_at(0)? != addr || body.u32_at(8)? as usize != data.len() {
+                    return Err(Errno::EINVAL);
+                }
+                data.copy_from_slice(body.get(12..12 + data.len()).ok_or(Errno::EINVAL)?);
+                return Ok(());
             }
             if body.u64_at(0)? != addr || body.u64_at(8)? != data.len() as u64 {
                 return Err(Errno::EINVAL);

@@ -126,12 +126,15 @@ pub struct Context {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ClientLimits {
     pub max_data_xfer_size: usize,
+    /// Use QEMU's layout for DMA_READ/DMA_WRITE messages.
+    pub qemu_dma_layout: bool,
 }
 
 impl From<&ClientCaps> for ClientLimits {
     fn from(c: &ClientCaps) -> Self {
         ClientLimits {
             max_data_xfer_size: c.max_data_xfer_size,
+            qemu_dma_layout: c.qemu_dma_layout,
         }
     }
 }

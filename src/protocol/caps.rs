@@ -23,6 +23,11 @@ pub struct ClientCaps {
     pub twin_socket: bool,
     /// Whether the client said it may send REGION_WRITE_MULTI.
     pub write_multiple: bool,
+    /// The client is QEMU's (it announces `pgsizes` / `max_dma_maps`, which
+    /// only QEMU's client sends). QEMU lays out DMA_READ/DMA_WRITE with a
+    /// 32-bit count, unlike the spec and upstream libvfio-user's 64-bit one,
+    /// so server-to-client DMA messages follow its layout.
+    pub qemu_dma_layout: bool,
 }
 
 impl Default for ClientCaps {
@@ -33,6 +38,7 @@ impl Default for ClientCaps {
             migration_pgsize: None,
             twin_socket: false,
             write_multiple: false,
+            qemu_dma_layout: false,
         }
     }
 }
@@ -90,6 +96,7 @@ pub fn parse_client(json: &[u8]) -> Result<ClientCaps> {
             caps.twin_socket = s.as_bool().ok_or(Errno::EINVAL)?;
         }
     }
+    caps.qemu_dma_layout = c.contains_key("pgsizes") || c.contains_key("max_dma_maps");
     if let Some(v) = c.get("write_multiple") {
         caps.write_multiple = v.as_bool().ok_or(Errno::EINVAL)?;
     }
@@ -190,6 +197,9 @@ mod tests {
         assert_eq!(c.migration_pgsize, Some(4096));
         assert!(c.twin_socket);
         assert!(c.write_multiple);
+        assert!(!c.qemu_dma_layout);
+        let q = parse_client(br#"{"capabilities":{"pgsizes":4096,"max_dma_maps":65535}}"#).unwrap();
+        assert!(q.qemu_dma_layout);
     }
 
     #[test]
