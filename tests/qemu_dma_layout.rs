@@ -185,3 +185,66 @@ fn dma_messages_use_qemu_layout_for_a_qemu_client() {
     drop(s);
     server.join().unwrap();
 }
+
+/// A command the client sends while the server waits on the main socket for
+/// the reply to its own DMA_WRITE is kept and handled afterwards, not
+/// mistaken for the reply (no twin socket, spec layout).
+#[test]
+fn command_sent_during_server_dma_is_deferred() {
+    let path = sock_path("defer");
+    let _ = std::fs::remove_file(&path);
+    let (tx, rx) = mpsc::channel();
+    let p = path.clone();
+    let server = std::thread::spawn(move || serve(p, tx));
+    rx.recv().unwrap();
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut v = vec![0u8, 0, 2, 0];
+    v.extend_from_slice(br#"{"capabilities":{"max_msg_fds":8}}"#);
+    v.push(0);
+    send(&mut s, 1, cmd::VERSION, &v, false);
+    recv(&mut s);
+    let mut m = Vec::new();
+    m.extend_from_slice(&32u32.to_le_bytes());
+    m.extend_from_slice(&3u32.to_le_bytes());
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m.extend_from_slice(&IOVA.to_le_bytes());
+    m.extend_from_slice(&4096u64.to_le_bytes());
+    send(&mut s, 2, cmd::DMA_MAP, &m, false);
+    recv(&mut s);
+
+    send(
+        &mut s,
+        3,
+        cmd::REGION_WRITE,
+        &region_write(0, &[1, 0, 0, 0]),
+        false,
+    );
+    let (dma, body) = recv(&mut s);
+    assert_eq!(dma.cmd, cmd::DMA_WRITE);
+    assert_eq!(body[..].u64_at(8), Ok(8), "spec layout: 64-bit count");
+    assert_eq!(&body[16..24], b"ABCDEFGH");
+    // Before answering, ask for device info.
+    let mut info = Vec::new();
+    info.extend_from_slice(&16u32.to_le_bytes());
+    info.extend_from_slice(&[0; 12]);
+    send(&mut s, 4, cmd::DEVICE_GET_INFO, &info, false);
+    let mut r = Vec::new();
+    r.extend_from_slice(&IOVA.to_le_bytes());
+    r.extend_from_slice(&8u64.to_le_bytes());
+    send(&mut s, dma.msg_id, cmd::DMA_WRITE, &r, true);
+    let (h, _) = recv(&mut s);
+    assert_eq!(
+        (h.msg_id, h.cmd, h.flags & flags::ERROR),
+        (3, cmd::REGION_WRITE, 0)
+    );
+    let (h, body) = recv(&mut s);
+    assert_eq!(
+        (h.msg_id, h.cmd, h.flags & flags::ERROR),
+        (4, cmd::DEVICE_GET_INFO, 0)
+    );
+    assert_eq!(body[..].u32_at(8), Ok(9));
+    drop(s);
+    server.join().unwrap();
+}

@@ -2,7 +2,6 @@
 //! requests, quiescing the device when a request needs it, dispatching to the
 //! handlers, replying, and resetting the context when the client goes away.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
@@ -57,16 +56,6 @@ impl Reply {
             fds: Vec::new(),
         }
     }
-}
-
-thread_local! {
-    /// Commands that arrived on the main socket while we waited there for
-    /// the reply to a server-to-client DMA message.
-    static DEFERRED: std::cell::RefCell<VecDeque<(usize, Request)>> = const { std::cell::RefCell::new(VecDeque::new()) };
-}
-
-fn ctx_key(ctx: &Context) -> usize {
-    ctx as *const Context as usize
 }
 
 impl Context {
@@ -189,7 +178,10 @@ impl Context {
                 Err(e) if e.0 == libc::ENOMSG || e.0 == libc::EAGAIN => {}
                 Err(e) => return Err(e),
             }
-            if self.is_nonblocking() {
+            // Commands that arrived while the device waited for a DMA reply
+            // are handled now: nothing on the socket would wake the caller
+            // for them.
+            if self.is_nonblocking() && self.deferred.borrow().is_empty() {
                 return Ok(handled);
             }
         }
@@ -198,12 +190,7 @@ impl Context {
     /// Reads the next request. `ENOMSG` means a bad request was already
     /// answered; `EAGAIN` that nothing was waiting.
     fn get_request(&self) -> Result<Request> {
-        let key = ctx_key(self);
-        let deferred = DEFERRED.with(|d| {
-            let mut d = d.borrow_mut();
-            let pos = d.iter().position(|(k, _)| *k == key)?;
-            d.remove(pos).map(|(_, r)| r)
-        });
+        let deferred = self.deferred.borrow_mut().pop_front();
         let mut req = match deferred {
             Some(r) => r,
             None => {
@@ -325,7 +312,12 @@ impl Context {
         // when `req` drops.
         *self.rx_spare.borrow_mut() = std::mem::take(&mut req.body);
         if let Ok(r) = res {
-            *self.tx_spare.borrow_mut() = r.body;
+            // A handler that did not use the spare (an empty reply, say)
+            // must not cost the next request its buffer.
+            let mut spare = self.tx_spare.borrow_mut();
+            if r.body.capacity() > spare.capacity() {
+                *spare = r.body;
+            }
         }
         sent
     }
@@ -488,12 +480,17 @@ impl Context {
         }
         let mut out = self.reply_buf();
         out.extend_from_slice(&body[..REGION_ACCESS_SIZE]);
-        if is_write {
+        let r = if is_write {
             // The device reads the data straight out of the request buffer.
-            self.region_access(idx as usize, &mut body[REGION_ACCESS_SIZE..], offset, true)?;
+            self.region_access(idx as usize, &mut body[REGION_ACCESS_SIZE..], offset, true)
         } else {
             out.resize(REGION_ACCESS_SIZE + count, 0);
-            self.region_access(idx as usize, &mut out[REGION_ACCESS_SIZE..], offset, false)?;
+            self.region_access(idx as usize, &mut out[REGION_ACCESS_SIZE..], offset, false)
+        };
+        if let Err(e) = r {
+            // Keep the buffer for the next request.
+            *self.tx_spare.borrow_mut() = out;
+            return Err(e);
         }
         Ok(Reply::body(out))
     }
@@ -612,8 +609,7 @@ impl Context {
         if let Some(irqs) = self.irqs() {
             irqs.reset();
         }
-        let key = ctx_key(self);
-        DEFERRED.with(|d| d.borrow_mut().retain(|(k, _)| *k != key));
+        self.deferred.borrow_mut().clear();
         *self.conn.borrow_mut() = None;
         *self.twin.borrow_mut() = None;
     }
@@ -757,16 +753,10 @@ impl Context {
             if hdr.msg_type() == flags::TYPE_COMMAND && on_main {
                 // The client sent a command while we waited: keep it for the
                 // request loop instead of mistaking it for our reply.
-                let key = ctx_key(self);
-                DEFERRED.with(|d| {
-                    d.borrow_mut().push_back((
-                        key,
-                        Request {
-                            hdr,
-                            body,
-                            fds: rx.fds,
-                        },
-                    ))
+                self.deferred.borrow_mut().push_back(Request {
+                    hdr,
+                    body,
+                    fds: rx.fds,
                 });
                 continue;
             }

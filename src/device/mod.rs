@@ -114,6 +114,8 @@ pub struct Context {
     pub(crate) dma_max_regions: Cell<usize>,
     pub(crate) migration: OnceCell<migration::Migration>,
     pub(crate) pending: RefCell<dispatch::Pending>,
+    /// Commands received while waiting for a reply on the main socket.
+    pub(crate) deferred: RefCell<std::collections::VecDeque<dispatch::Request>>,
     /// Request and reply buffers kept between messages.
     pub(crate) rx_spare: RefCell<Vec<u8>>,
     pub(crate) tx_spare: RefCell<Vec<u8>>,
@@ -169,6 +171,7 @@ impl Context {
             dma_max_regions: Cell::new(0),
             migration: OnceCell::new(),
             pending: RefCell::new(dispatch::Pending::None),
+            deferred: RefCell::new(std::collections::VecDeque::new()),
             rx_spare: RefCell::new(Vec::new()),
             tx_spare: RefCell::new(Vec::new()),
             quiesced: Cell::new(false),

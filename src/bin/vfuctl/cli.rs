@@ -426,12 +426,17 @@ pub fn host_page_size() -> u64 {
 }
 
 /// Connects to the server at `path` (`who` names it in messages: "source",
-/// "device", ...), with `timeout` on every wait and the host page size as
-/// migration page size.
-pub fn connect(path: &str, who: &str, timeout: Duration) -> Result<Client, Failure> {
+/// "device", ...), with `timeout` on every wait; `migration` announces the
+/// host page size as migration page size (for commands that migrate).
+pub fn connect(
+    path: &str,
+    who: &str,
+    timeout: Duration,
+    migration: bool,
+) -> Result<Client, Failure> {
     let opts = ClientOptions {
         timeout,
-        migration_pgsize: Some(host_page_size()),
+        migration_pgsize: migration.then(host_page_size),
         ..ClientOptions::default()
     };
     if !Path::new(path).exists() {
