@@ -85,11 +85,16 @@ bar1_cb(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset, bool is_write)
         memcpy(buf, &n, sizeof(n));
         return 4;
     }
-    if (count == 4 && offset == DEV_BAR1_RESETS_OFF && !is_write) {
+    if (count == 4 && offset == DEV_BAR1_RESETS_OFF) {
         uint32_t n = (uint32_t)d->nr_resets;
 
         d->accesses++;
-        memcpy(buf, &n, sizeof(n));
+        if (is_write) {
+            memcpy(&n, buf, sizeof(n));
+            d->fail_resets = (int)n;
+        } else {
+            memcpy(buf, &n, sizeof(n));
+        }
         return 4;
     }
     return mem_access(d, ctx, d->bar1, sizeof(d->bar1), buf, count, offset,

@@ -43,7 +43,10 @@
 #define DEV_BAR1_SHORT_OFF    0xf4u
 /* BAR1: a 4-byte read here returns the server's open fd count. */
 #define DEV_BAR1_FDCOUNT_OFF  0xf8u
-/* BAR1: a 4-byte read here returns how many times reset was called. */
+/*
+ * BAR1: a 4-byte read here returns how many times reset was called; a
+ * 4-byte write of N makes the next N VFU_RESET_DEVICE resets fail (EIO).
+ */
 #define DEV_BAR1_RESETS_OFF   0xfcu
 /*
  * BAR1: four little-endian u16 the server stores after realize:
