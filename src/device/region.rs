@@ -78,6 +78,45 @@ pub struct RegionSetup {
     pub offset: u64,
 }
 
+impl RegionSetup {
+    /// A region of `size` bytes with `FLAG_*` flags, no callback and no fd.
+    pub fn new(size: u64, flags: u32) -> RegionSetup {
+        RegionSetup {
+            size,
+            cb: None,
+            flags,
+            mmap_areas: None,
+            fd: None,
+            offset: 0,
+        }
+    }
+
+    /// Handles accesses with `f(ctx, buf, offset, is_write)`, which returns
+    /// the number of bytes it handled (anything short is an error).
+    pub fn with_callback(
+        mut self,
+        f: impl Fn(&Context, &mut [u8], u64, bool) -> Result<usize> + 'static,
+    ) -> RegionSetup {
+        self.cb = Some(Rc::new(f));
+        self
+    }
+
+    /// Lets the client map the region from `fd` at `offset` (the whole
+    /// region, or only `areas` given as (offset, length) pairs). The fd stays
+    /// the caller's: keep it open while the context lives.
+    pub fn with_fd(
+        mut self,
+        fd: RawFd,
+        offset: u64,
+        areas: Option<Vec<(u64, u64)>>,
+    ) -> RegionSetup {
+        self.fd = Some(fd);
+        self.offset = offset;
+        self.mmap_areas = areas;
+        self
+    }
+}
+
 fn is_bar(idx: usize) -> bool {
     (BAR0..=BAR5).contains(&idx)
 }
