@@ -243,9 +243,16 @@ impl Context {
         // The body goes into the context's spare buffer: no allocation per
         // message once it has grown to the working size.
         let mut body = std::mem::take(&mut *self.rx_spare.borrow_mut());
-        body.clear();
-        if sane && size > HEADER_SIZE {
-            body.resize(size - HEADER_SIZE, 0);
+        let len = if sane { size - HEADER_SIZE } else { 0 };
+        // Only bytes past the buffer's current length get zero-filled (the
+        // receive below overwrites the rest): a stream of large messages of
+        // one size (migration data) is not memset once per message.
+        if body.len() > len {
+            body.truncate(len);
+        } else {
+            body.resize(len, 0);
+        }
+        if len > 0 {
             conn.recv_exact(&mut body).map_err(|e| {
                 if e.0 == libc::ENOMSG {
                     Errno(libc::ECONNRESET)
@@ -425,7 +432,9 @@ impl Context {
             }
             cmd::MIG_DATA_READ => {
                 let dev = CtxMig(self);
-                let mut out = Vec::new();
+                // The spare reply buffer: no allocation (and, for large
+                // chunks, no fresh pages to fault in) per message.
+                let mut out = self.reply_buf();
                 let max = self.client.get().max_data_xfer_size;
                 super::migration::handle_mig_data_read(
                     self.migration.get(),

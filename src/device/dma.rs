@@ -505,11 +505,11 @@ impl DmaController {
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+    fn table(&self) -> RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -557,7 +557,7 @@ impl DmaController {
             return Err(Errno::EINVAL);
         }
 
-        let mut inner = self.write();
+        let mut inner = self.table_mut();
 
         // The first region ending after `iova` is the only candidate for an
         // overlap: any later one starts after it.
@@ -658,7 +658,7 @@ impl DmaController {
     /// handler uses this to run the unregister callback while the region is
     /// still usable.
     pub fn find_exact(&self, iova: u64, len: u64) -> Result<DmaInfo> {
-        let inner = self.read();
+        let inner = self.table();
         inner
             .regions
             .get(&iova)
@@ -669,7 +669,7 @@ impl DmaController {
 
     /// The region with the lowest IOVA, if any.
     pub fn first_region(&self) -> Option<DmaInfo> {
-        self.read().regions.values().next().map(Region::info)
+        self.table().regions.values().next().map(Region::info)
     }
 
     /// Removes the region that starts exactly at `iova` and is exactly `len`
@@ -678,7 +678,7 @@ impl DmaController {
     /// is no longer valid).
     pub fn remove_region(&self, iova: u64, len: u64) -> Result<DmaInfo> {
         let region = {
-            let mut inner = self.write();
+            let mut inner = self.table_mut();
             match inner.regions.get(&iova) {
                 Some(r) if r.len == len => {}
                 _ => return Err(Errno::ENOENT),
@@ -696,7 +696,7 @@ impl DmaController {
     /// Removes every region (lowest IOVA first) and returns what they were.
     pub fn remove_all(&self) -> Vec<DmaInfo> {
         let regions = {
-            let mut inner = self.write();
+            let mut inner = self.table_mut();
             let regions = std::mem::take(&mut inner.regions);
             self.bump_generation();
             regions
@@ -706,7 +706,7 @@ impl DmaController {
 
     /// Number of registered regions.
     pub fn region_count(&self) -> usize {
-        self.read().regions.len()
+        self.table().regions.len()
     }
 
     /// Translates `[iova, iova + len)` into scatter/gather entries, one per
@@ -744,7 +744,7 @@ impl DmaController {
             }
         }
 
-        let inner = self.read();
+        let inner = self.table();
         let generation = self.generation.load(Ordering::Acquire);
         let count = translate(&inner.regions, iova, len, sgl, prot)?;
         if count > 0 {
@@ -777,7 +777,7 @@ impl DmaController {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
         }
-        let inner = self.read();
+        let inner = self.table();
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
             let region = resolve(&inner.regions, sg)?;
             if region.mode != AccessMode::Mmap {
@@ -803,7 +803,7 @@ impl DmaController {
         if self.logging_page_size.load(Ordering::Acquire) == 0 {
             return;
         }
-        let inner = self.read();
+        let inner = self.table();
         let page_size = inner.dirty_page_size;
         if page_size == 0 {
             return;
@@ -821,7 +821,7 @@ impl DmaController {
         if len == 0 || self.logging_page_size.load(Ordering::Acquire) == 0 {
             return;
         }
-        let inner = self.read();
+        let inner = self.table();
         let page_size = inner.dirty_page_size;
         if page_size == 0 {
             return;
@@ -840,7 +840,7 @@ impl DmaController {
     /// Whether the entry's region is mapped into this process (so that
     /// [`Self::sgl_get`] works on it). False for invalid entries.
     pub fn sg_is_mappable(&self, sg: &DmaSg) -> bool {
-        let inner = self.read();
+        let inner = self.table();
         resolve(&inner.regions, sg).is_ok_and(|r| r.mode == AccessMode::Mmap)
     }
 
@@ -873,7 +873,7 @@ impl DmaController {
     /// The read half of [`Self::sg_access`].
     pub fn sg_read(&self, sg: &DmaSg, buf: &mut [u8], direct: bool) -> Result<bool> {
         let n = self.check_buf(sg, buf.len())?;
-        let inner = self.read();
+        let inner = self.table();
         let region = resolve(&inner.regions, sg)?;
         if !direct {
             return Ok(false);
@@ -908,7 +908,7 @@ impl DmaController {
             return Err(Errno::EPERM);
         }
         let n = self.check_buf(sg, buf.len())?;
-        let inner = self.read();
+        let inner = self.table();
         let region = resolve(&inner.regions, sg)?;
         if !direct {
             return Ok(false);
@@ -919,21 +919,24 @@ impl DmaController {
         match region.mode {
             AccessMode::Message => Ok(false),
             AccessMode::Mmap => {
-                region.mark_dirty(sg.offset, sg.length, inner.dirty_page_size);
                 let dst = (region.vaddr + sg.offset as usize) as *mut u8;
                 // SAFETY: `resolve` checked that the range lies in the region,
                 // which is mapped writable (checked above) for as long as we
                 // hold the read lock; `buf` has at least `n` bytes.
                 unsafe { std::ptr::copy(buf.as_ptr(), dst, n) };
+                // Marked after the copy: a report taken in between must not
+                // clear the bit of a write that has not landed yet.
+                region.mark_dirty(sg.offset, sg.length, inner.dirty_page_size);
                 Ok(true)
             }
             AccessMode::FileIo => {
-                region.mark_dirty(sg.offset, sg.length, inner.dirty_page_size);
                 let fd = region.fd.clone().ok_or(Errno::EIO)?;
                 let pos = file_pos(region, sg)?;
                 drop(inner);
                 // pwrite only reads from the buffer.
                 file_io(&fd, pos, buf.as_ptr() as *mut u8, n, true)?;
+                // After the write, for the same reason as above.
+                self.mark_dirty_range(sg.iova(), sg.length);
                 Ok(true)
             }
         }
@@ -960,7 +963,7 @@ impl DmaController {
         if page_size == 0 || !page_size.is_power_of_two() {
             return Err(Errno::EINVAL);
         }
-        let mut inner = self.write();
+        let mut inner = self.table_mut();
         if inner.dirty_page_size != 0 {
             return if inner.dirty_page_size == page_size {
                 Ok(())
@@ -986,7 +989,7 @@ impl DmaController {
 
     /// Stops dirty page logging and drops the bitmaps (no-op when off).
     pub fn logging_stop(&self) -> Result<()> {
-        let mut inner = self.write();
+        let mut inner = self.table_mut();
         if inner.dirty_page_size == 0 {
             return Ok(());
         }
@@ -1032,7 +1035,7 @@ impl DmaController {
         page_size: u64,
         bitmap: &mut [u8],
     ) -> Result<()> {
-        let inner = self.read();
+        let inner = self.table();
         let mut sg = [DmaSg::default()];
         match translate(&inner.regions, iova, len, &mut sg, 0) {
             Ok(1) => {}

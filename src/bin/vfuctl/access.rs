@@ -161,6 +161,9 @@ mod tests {
         );
         assert!(lines[1].starts_with("00000110: 51 52 53 54 "));
         assert!(lines[1].ends_with("|QRST|"));
-        assert_eq!(hexdump(0, &[0, 0x7f]).trim_end().rsplit('|').nth(1), Some(".."));
+        assert_eq!(
+            hexdump(0, &[0, 0x7f]).trim_end().rsplit('|').nth(1),
+            Some("..")
+        );
     }
 }

@@ -343,7 +343,7 @@ pub struct Parsed {
 impl Parsed {
     /// Whether flag `name` was given.
     pub fn flag(&self, name: &str) -> bool {
-        self.flags.iter().any(|f| *f == name)
+        self.flags.contains(&name)
     }
 
     /// The last value of option `name`.
@@ -455,7 +455,12 @@ pub fn connect(
 
 /// Formats a size like lspci: `4K`, `16M`, or bytes.
 pub fn human_size(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
     for (unit, name) in UNITS {
         if n >= unit && n % unit == 0 {
             return format!("{}{name}", n / unit);
@@ -496,7 +501,16 @@ mod tests {
         assert_eq!(parse_u64("0b101").unwrap(), 5);
         assert_eq!(parse_u64("1_000").unwrap(), 1000);
         assert_eq!(parse_u64("0xffffffffffffffff").unwrap(), u64::MAX);
-        for bad in ["", "0x", "x1", "-1", "+1", "12a", "0x1_0000_0000_0000_0000", "0b2"] {
+        for bad in [
+            "",
+            "0x",
+            "x1",
+            "-1",
+            "+1",
+            "12a",
+            "0x1_0000_0000_0000_0000",
+            "0b2",
+        ] {
             assert!(matches!(parse_u64(bad), Err(Failure::Usage(_))), "{bad}");
         }
     }
@@ -524,7 +538,15 @@ mod tests {
     fn option_parser() {
         let opts = [flag("json"), valued("set"), valued("timeout")];
         let p = parse_args(
-            &s(&["a", "--json", "--set", "x=1", "b", "--set=y=2", "--timeout=0.5"]),
+            &s(&[
+                "a",
+                "--json",
+                "--set",
+                "x=1",
+                "b",
+                "--set=y=2",
+                "--timeout=0.5",
+            ]),
             &opts,
         )
         .unwrap();

@@ -7,14 +7,14 @@ use vfio_user::client::Client;
 use vfio_user::device::migration::*;
 use vfio_user::device::region;
 use vfio_user::protocol::{
-    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD,
-    IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE, REGION_INFO_FLAG_CAPS, REGION_INFO_FLAG_MMAP,
-    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE, REGION_INFO_FLAG_CAPS, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
 };
 
 use super::cli::{
-    client_failure, connect, describe, human_size, irq_name, region_name, state_name, At,
-    Failure, Parsed,
+    client_failure, connect, describe, human_size, irq_name, region_name, state_name, At, Failure,
+    Parsed,
 };
 use super::pcidecode::{self, Pci};
 
@@ -122,13 +122,31 @@ pub fn run(p: &Parsed) -> Result<(), Failure> {
     let (pci, pci_error) = read_pci(&mut c, &regions)?;
 
     if p.flag("json") {
-        let v = to_json(sock, &c, &dev, &regions, &irqs, &mig, pci.as_ref(), pci_error);
+        let v = to_json(
+            sock,
+            &c,
+            &dev,
+            &regions,
+            &irqs,
+            &mig,
+            pci.as_ref(),
+            pci_error,
+        );
         println!(
             "{}",
             serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
         );
     } else {
-        print_text(sock, &c, &dev, &regions, &irqs, &mig, pci.as_ref(), pci_error);
+        print_text(
+            sock,
+            &c,
+            &dev,
+            &regions,
+            &irqs,
+            &mig,
+            pci.as_ref(),
+            pci_error,
+        );
     }
     Ok(())
 }
@@ -167,7 +185,10 @@ fn read_pci(
     let bytes = match c.region_read(region::CFG as u32, 0, len) {
         Ok(b) => b,
         Err(e) if e.server_errno().is_some() => {
-            return Ok((None, Some(format!("reading config space: {}", describe(&e)))))
+            return Ok((
+                None,
+                Some(format!("reading config space: {}", describe(&e))),
+            ))
         }
         Err(e) => return Err(client_failure("reading config space", &e)),
     };
@@ -179,7 +200,9 @@ fn read_pci(
         Some(p) => Ok((Some(p), None)),
         None => Ok((
             None,
-            Some(format!("config space of {len} bytes is too short to decode")),
+            Some(format!(
+                "config space of {len} bytes is too short to decode"
+            )),
         )),
     }
 }
@@ -262,7 +285,11 @@ fn print_text(
     }
     println!(
         "  Flags: {} ({:#x}); {} regions, {} IRQ types",
-        if df.is_empty() { "none".into() } else { df.join(" ") },
+        if df.is_empty() {
+            "none".into()
+        } else {
+            df.join(" ")
+        },
         dev.flags,
         dev.num_regions,
         dev.num_irqs

@@ -679,7 +679,7 @@ impl Pci {
                 if i == 0 {
                     line(format!("Capabilities: [{:02x}] {l}", cap.offset));
                 } else {
-                    line(format!("\t{l}"));
+                    line(format!("        {l}"));
                 }
             }
         }
@@ -691,7 +691,7 @@ impl Pci {
                         cap.offset, cap.version
                     ));
                 } else {
-                    line(format!("\t{l}"));
+                    line(format!("        {l}"));
                 }
             }
         }
@@ -837,9 +837,9 @@ fn ext_cap_text(cap: &Cap) -> Vec<String> {
     let name = ext_cap_name(cap.id);
     match &cap.body {
         Body::Dsn { serial } => vec![format!("{name} {}", format_serial(*serial))],
-        Body::ExtVendor { vsec_id, rev, len } => vec![format!(
-            "{name}: ID={vsec_id:04x} Rev={rev} Len={len:03x}"
-        )],
+        Body::ExtVendor { vsec_id, rev, len } => {
+            vec![format!("{name}: ID={vsec_id:04x} Rev={rev} Len={len:03x}")]
+        }
         Body::Truncated => vec![format!("{name} (ID {:04x}): truncated", cap.id)],
         _ => vec![format!("{name} (ID {:04x})", cap.id)],
     }
@@ -874,8 +874,14 @@ fn cap_json(cap: &Cap, extended: bool) -> Value {
             mask,
         } => {
             m.insert("enabled".into(), json!(control & 1 != 0));
-            m.insert("vectors_capable".into(), json!(1u32 << ((control >> 1) & 7)));
-            m.insert("vectors_enabled".into(), json!(1u32 << ((control >> 4) & 7)));
+            m.insert(
+                "vectors_capable".into(),
+                json!(1u32 << ((control >> 1) & 7)),
+            );
+            m.insert(
+                "vectors_enabled".into(),
+                json!(1u32 << ((control >> 4) & 7)),
+            );
             m.insert("is_64bit".into(), json!(control & 0x80 != 0));
             m.insert("maskable".into(), json!(control & 0x100 != 0));
             m.insert("address".into(), json!(address));
@@ -952,9 +958,10 @@ impl Pci {
                 })
             })
             .collect();
-        let rom = self.rom.as_ref().map(|r| {
-            json!({"address": r.address, "enabled": r.enabled, "size": r.size})
-        });
+        let rom = self
+            .rom
+            .as_ref()
+            .map(|r| json!({"address": r.address, "enabled": r.enabled, "size": r.size}));
         json!({
             "config_size": self.size,
             "vendor_id": self.vendor,
@@ -1109,7 +1116,10 @@ mod tests {
         assert_eq!(j["capabilities"][2]["table_size"], 4);
         assert_eq!(j["capabilities"][2]["pba_offset"], 0xc00);
         assert_eq!(j["capabilities"][3]["device_type_name"], "Endpoint");
-        assert_eq!(j["extended_capabilities"][0]["serial"], 0x0102_0304_0506_0708u64);
+        assert_eq!(
+            j["extended_capabilities"][0]["serial"],
+            0x0102_0304_0506_0708u64
+        );
         assert_eq!(j["bars"][1]["bits"], 64);
     }
 
