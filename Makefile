@@ -205,3 +205,8 @@ check-c: build
 	bash '$(SRCDIR)/c-tests/consumers/run.sh' '$(CHECK_PREFIX)'
 	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
 		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi
+
+# The README's main job: build, serve two sample devices, live-migrate one.
+.PHONY: demo
+demo:
+	bash '$(SRCDIR)/scripts/demo.sh'

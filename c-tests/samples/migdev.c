@@ -854,8 +854,10 @@ parse_level(const char *s)
 static void
 usage(const char *prog)
 {
-    fprintf(stderr, "usage: %s SOCKET [--log LEVEL]\n"
-            "  LEVEL: emerg alert crit err warning notice info debug, or 0-7\n",
+    fprintf(stderr, "usage: %s SOCKET [--log LEVEL] [--persist]\n"
+            "  LEVEL: emerg alert crit err warning notice info debug, or 0-7\n"
+            "  --persist: serve one client after another instead of exiting\n"
+            "             when the first disconnects\n",
             prog);
 }
 
@@ -962,6 +964,7 @@ main(int argc, char *argv[])
     };
     struct sigaction sa;
     const char *path = NULL;
+    bool persist = false;
     int level = LOG_INFO;
     struct migdev d;
     int i, ret = -1;
@@ -974,6 +977,8 @@ main(int argc, char *argv[])
                 usage(argv[0]);
                 return EXIT_FAILURE;
             }
+        } else if (strcmp(argv[i], "--persist") == 0) {
+            persist = true;
         } else if (argv[i][0] != '-' && path == NULL) {
             path = argv[i];
         } else {
@@ -1038,19 +1043,21 @@ main(int argc, char *argv[])
     SETUP(vfu_realize_ctx(d.ctx));
 #undef SETUP
 
-    vfu_log(d.ctx, LOG_INFO, "waiting for a client on %s", path);
-    ret = wait_for_client(d.ctx);
-    if (ret < 0) {
-        fprintf(stderr, "migdev: vfu_attach_ctx: %s\n", strerror(errno));
-        goto out;
-    }
-    if (ret == 0) {
-        vfu_log(d.ctx, LOG_INFO, "client attached");
-        ret = serve(&d);
-    } else {
-        vfu_log(d.ctx, LOG_INFO, "stopping on signal");
-        ret = 0;
-    }
+    do {
+        vfu_log(d.ctx, LOG_INFO, "waiting for a client on %s", path);
+        ret = wait_for_client(d.ctx);
+        if (ret < 0) {
+            fprintf(stderr, "migdev: vfu_attach_ctx: %s\n", strerror(errno));
+            goto out;
+        }
+        if (ret == 0) {
+            vfu_log(d.ctx, LOG_INFO, "client attached");
+            ret = serve(&d);
+        } else {
+            vfu_log(d.ctx, LOG_INFO, "stopping on signal");
+            ret = 0;
+        }
+    } while (persist && ret == 0 && !stop_requested);
 
 out:
     vfu_destroy_ctx(d.ctx);
