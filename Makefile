@@ -196,6 +196,9 @@ check-rust:
 	$(CARGO) fmt --manifest-path '$(SRCDIR)/Cargo.toml' --all -- --check
 	$(CARGO) clippy --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)' \
 		--all-targets -- -D warnings
+	# The C-sample tests link the debug cdylib, which `cargo test` alone
+	# does not build.
+	$(CARGO) build --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)'
 	$(CARGO) test --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)'
 
 check-c: build

@@ -101,8 +101,12 @@ fn build_samples() -> Result<PathBuf, String> {
         .expect("test binary in <target>/<profile>/deps");
     let so = profile.join("libvfio_user.so");
     let a = profile.join("libvfio_user.a");
-    assert!(so.exists(), "{} not built", so.display());
-    assert!(a.exists(), "{} not built", a.display());
+    if !so.exists() || !a.exists() {
+        return Err(format!(
+            "{} not built (run `cargo build` first; `make check` does)",
+            so.display()
+        ));
+    }
 
     let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("samples");
     fs::create_dir_all(&work).expect("create work dir");
