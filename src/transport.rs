@@ -4,7 +4,9 @@
 //! Receiving is split in two steps, header then body, so that the caller can
 //! validate the header before committing to read (and allocate for) a body.
 //! Every read loops until it has the whole requested length: a message that
-//! arrives in pieces is still received whole.
+//! arrives in pieces is still received whole. A connection read by a single
+//! blocking loop may turn on read-ahead ([`Conn::set_read_ahead`]), so that a
+//! small request costs one system call instead of two.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -123,7 +125,9 @@ impl Drop for Listener {
 /// A received header with its fds.
 #[derive(Debug)]
 pub struct Received {
+    /// The message header.
     pub hdr: Header,
+    /// The fds that came with it, now owned.
     pub fds: Vec<OwnedFd>,
     /// The control data was truncated or malformed.
     pub fds_bad: bool,
@@ -136,6 +140,55 @@ pub struct Conn {
     /// Control-message buffer for receiving fds, allocated on first use and
     /// kept, so that receiving costs no allocation.
     cmsg: std::cell::RefCell<Vec<u64>>,
+    /// Bytes received ahead of the message being read, when enabled.
+    ahead: std::cell::RefCell<ReadAhead>,
+}
+
+/// How many bytes a header read may take ahead of the header.
+const READ_AHEAD: usize = 4096;
+
+/// The read-ahead state of a connection.
+///
+/// With read-ahead on, a header read asks the kernel for up to
+/// [`READ_AHEAD`] bytes, so that a small request arrives whole in one system
+/// call; the bytes past the header are served to the reads that follow.
+///
+/// fds travel with the first byte of the message they were sent with, and a
+/// `recvmsg` that returns fds stops right after the data they came with
+/// (the kernel never carries on past an fd-carrying segment). So the fds of
+/// one call belong to the last message that starts in the bytes that call
+/// returned; they are kept, tagged with that message's stream offset, until
+/// its header is read.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    on: bool,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    pos: u64,
+    /// fds received early: (stream offset of their message, the fds, whether
+    /// the control data was truncated or malformed).
+    fds: std::collections::VecDeque<(u64, Vec<OwnedFd>, bool)>,
+}
+
+/// Offset in `b`, which starts at a message boundary, of the last message
+/// that starts in it (a header with an impossible size ends the walk).
+fn last_message_start(b: &[u8]) -> usize {
+    let mut at = 0usize;
+    loop {
+        let Some(h) = b.get(at..at + HEADER_SIZE) else {
+            return at;
+        };
+        let size = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        if size < HEADER_SIZE {
+            return at;
+        }
+        match at.checked_add(size) {
+            Some(next) if next < b.len() => at = next,
+            _ => return at,
+        }
+    }
 }
 
 /// Space for a control message carrying up to [`MAX_RECV_FDS`] fds.
@@ -186,7 +239,113 @@ impl Conn {
         Conn {
             fd,
             cmsg: std::cell::RefCell::new(Vec::new()),
+            ahead: std::cell::RefCell::new(ReadAhead::default()),
         }
+    }
+
+    /// Lets header reads take up to 4 KiB ahead, so that a small message
+    /// is received with one system call. Only for a connection that one
+    /// blocking loop reads: bytes held here are invisible to poll(2) on the
+    /// socket, so a caller that polls before each read could wait forever
+    /// for a message already received.
+    pub fn set_read_ahead(&self, on: bool) {
+        self.ahead.borrow_mut().on = on;
+    }
+
+    /// One `recvmsg` into `buf`; returns the byte count, the fds that came
+    /// with the bytes and whether the control data was truncated/malformed.
+    fn recvmsg_once(
+        &self,
+        buf: &mut [u8],
+        nonblocking: bool,
+    ) -> Result<(usize, Vec<OwnedFd>, bool)> {
+        let mut cbuf = self.cmsg.borrow_mut();
+        if cbuf.len() < CMSG_BUF_LEN / 8 {
+            cbuf.resize(CMSG_BUF_LEN / 8, 0);
+        }
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain old data; zero is a valid starting value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = CMSG_BUF_LEN as _;
+        let mut flags = libc::MSG_CMSG_CLOEXEC;
+        if nonblocking {
+            flags |= libc::MSG_DONTWAIT;
+        }
+        let n = loop {
+            // SAFETY: msg points at live buffers of the stated sizes.
+            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, flags) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = Errno::last();
+            if e.0 != libc::EINTR {
+                return Err(e);
+            }
+        };
+        let mut fds = Vec::new();
+        // SAFETY: msg was just filled in by recvmsg.
+        let fd_res = unsafe { take_fds(&msg, &mut fds) };
+        let bad = msg.msg_flags & libc::MSG_CTRUNC != 0 || fd_res.is_err();
+        Ok((n, fds, bad))
+    }
+
+    /// [`Conn::recv_header`] with read-ahead on.
+    fn recv_header_ahead(&self, nonblocking: bool) -> Result<Received> {
+        let mut guard = self.ahead.borrow_mut();
+        let ra = &mut *guard;
+        if ra.buf.len() < READ_AHEAD {
+            ra.buf.resize(READ_AHEAD, 0);
+        }
+        while ra.end - ra.start < HEADER_SIZE {
+            // Keep the partial header at the front, then fill the rest.
+            ra.buf.copy_within(ra.start..ra.end, 0);
+            ra.end -= ra.start;
+            ra.start = 0;
+            let had = ra.end;
+            // Only a read that has nothing yet may return EAGAIN: once a
+            // header has begun, the rest of it is waited for.
+            let (n, fds, bad) = self.recvmsg_once(&mut ra.buf[had..], nonblocking && had == 0)?;
+            if n == 0 {
+                return Err(Errno(if had == 0 {
+                    libc::ENOMSG
+                } else {
+                    libc::ECONNRESET
+                }));
+            }
+            ra.end += n;
+            if !fds.is_empty() || bad {
+                let at = last_message_start(&ra.buf[..ra.end]) as u64;
+                ra.fds.push_back((ra.pos + at, fds, bad));
+            }
+        }
+        let mut h = [0u8; HEADER_SIZE];
+        h.copy_from_slice(&ra.buf[ra.start..ra.start + HEADER_SIZE]);
+        let at = ra.pos;
+        ra.start += HEADER_SIZE;
+        ra.pos += HEADER_SIZE as u64;
+        let mut fds = Vec::new();
+        let mut fds_bad = false;
+        while ra.fds.front().is_some_and(|(p, _, _)| *p <= at) {
+            if let Some((p, f, b)) = ra.fds.pop_front() {
+                // fds tagged with an earlier offset belonged to no header
+                // we read (a stream with a bogus size): they are closed.
+                if p == at {
+                    fds = f;
+                    fds_bad = b;
+                }
+            }
+        }
+        Ok(Received {
+            hdr: Header::decode(&h),
+            fds,
+            fds_bad,
+        })
     }
 
     /// The socket fd, for poll().
@@ -204,6 +363,9 @@ impl Conn {
     /// [`Received::fds_bad`] with whatever fds did arrive, so that the caller
     /// can still read the body and answer with an error.
     pub fn recv_header(&self, nonblocking: bool) -> Result<Received> {
+        if self.ahead.borrow().on {
+            return self.recv_header_ahead(nonblocking);
+        }
         let mut buf = [0u8; HEADER_SIZE];
         let mut cbuf = self.cmsg.borrow_mut();
         if cbuf.len() < CMSG_BUF_LEN / 8 {
@@ -261,6 +423,18 @@ impl Conn {
     /// before anything arrived, `ECONNRESET` if it closed part way.
     pub fn recv_exact(&self, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
+        {
+            // Bytes read ahead come first; the rest is read directly (never
+            // past the end of `buf`).
+            let mut ra = self.ahead.borrow_mut();
+            let n = buf.len().min(ra.end - ra.start);
+            if n > 0 {
+                buf[..n].copy_from_slice(&ra.buf[ra.start..ra.start + n]);
+                ra.start += n;
+                done = n;
+            }
+            ra.pos += buf.len() as u64;
+        }
         while done < buf.len() {
             let rest = &mut buf[done..];
             // SAFETY: rest is a valid writable buffer of rest.len() bytes.
@@ -469,6 +643,125 @@ mod tests {
             c.send(&h, &[b"x"], &[]).unwrap_err(),
             Errno(libc::ECONNRESET)
         );
+    }
+
+    fn msg(id: u16, body: &[u8]) -> (Header, Vec<u8>) {
+        let h = Header {
+            msg_id: id,
+            cmd: cmd::REGION_WRITE,
+            msg_size: (HEADER_SIZE + body.len()) as u32,
+            flags: 0,
+            error_no: 0,
+        };
+        (h, body.to_vec())
+    }
+
+    #[test]
+    fn read_ahead_gives_each_pipelined_message_its_own_fds() {
+        let (a, b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        server.set_read_ahead(true);
+        let client = Conn::from_fd(b);
+        let (x, _y) = socketpair().unwrap();
+        let (h1, b1) = msg(1, &[1; 20]);
+        let (h2, b2) = msg(2, &[2; 8]);
+        let (h3, b3) = msg(3, &[3; 4]);
+        let (h4, b4) = msg(4, &[4; 4]);
+        client.send(&h1, &[&b1], &[]).unwrap();
+        client
+            .send(&h2, &[&b2], &[x.as_raw_fd(), x.as_raw_fd()])
+            .unwrap();
+        client.send(&h3, &[&b3], &[]).unwrap();
+        client.send(&h4, &[&b4], &[x.as_raw_fd()]).unwrap();
+        for (h, b, nfds) in [(h1, b1, 0), (h2, b2, 2), (h3, b3, 0), (h4, b4, 1)] {
+            let r = server.recv_header(false).unwrap();
+            assert_eq!(r.hdr, h);
+            assert_eq!(r.fds.len(), nfds, "message {}", h.msg_id);
+            assert!(!r.fds_bad);
+            let mut body = vec![0u8; b.len()];
+            server.recv_exact(&mut body).unwrap();
+            assert_eq!(body, b);
+        }
+        drop(client);
+        assert_eq!(server.recv_header(false).unwrap_err(), Errno(libc::ENOMSG));
+    }
+
+    #[test]
+    fn read_ahead_handles_bodies_larger_than_its_buffer() {
+        let (a, b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        server.set_read_ahead(true);
+        let client = Conn::from_fd(b);
+        let big: Vec<u8> = (0..3 * READ_AHEAD + 5).map(|i| i as u8).collect();
+        let (h1, b1) = msg(1, &big);
+        let (h2, b2) = msg(2, &[9; 4]);
+        let t = std::thread::spawn(move || {
+            client.send(&h1, &[&b1], &[]).unwrap();
+            client.send(&h2, &[&b2], &[]).unwrap();
+            client
+        });
+        let r = server.recv_header(false).unwrap();
+        assert_eq!(r.hdr.msg_id, 1);
+        let mut body = vec![0u8; big.len()];
+        server.recv_exact(&mut body).unwrap();
+        assert_eq!(body, big);
+        let r = server.recv_header(false).unwrap();
+        assert_eq!(r.hdr.msg_id, 2);
+        let mut body = [0u8; 4];
+        server.recv_exact(&mut body).unwrap();
+        assert_eq!(body, [9; 4]);
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn read_ahead_survives_byte_by_byte_delivery_and_reports_resets() {
+        let (a, b) = socketpair().unwrap();
+        let server = Conn::from_fd(a);
+        server.set_read_ahead(true);
+        let client = Conn::from_fd(b);
+        let (h1, b1) = msg(5, &[7; 6]);
+        let t = std::thread::spawn(move || {
+            let mut all = h1.encode().to_vec();
+            all.extend_from_slice(&b1);
+            // A second header, cut short.
+            all.extend_from_slice(&h1.encode()[..9]);
+            for byte in all {
+                client.send_raw(&[byte]);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
+        let r = server.recv_header(false).unwrap();
+        assert_eq!(r.hdr, h1);
+        let mut body = [0u8; 6];
+        server.recv_exact(&mut body).unwrap();
+        assert_eq!(body, [7; 6]);
+        t.join().unwrap();
+        assert_eq!(
+            server.recv_header(false).unwrap_err(),
+            Errno(libc::ECONNRESET)
+        );
+    }
+
+    #[test]
+    fn last_message_start_walks_whole_and_partial_messages() {
+        let (h1, b1) = msg(1, &[0; 4]);
+        let (h2, _) = msg(2, &[0; 100]);
+        let mut b = h1.encode().to_vec();
+        b.extend_from_slice(&b1);
+        assert_eq!(last_message_start(&b), 0);
+        b.extend_from_slice(&h2.encode()[..3]);
+        assert_eq!(last_message_start(&b), 20);
+        b.extend_from_slice(&h2.encode()[3..]);
+        b.extend_from_slice(&[0; 10]);
+        assert_eq!(last_message_start(&b), 20);
+        // A size below the header size stops the walk there.
+        let bogus = Header {
+            msg_size: 3,
+            ..Header::default()
+        };
+        let mut c = bogus.encode().to_vec();
+        c.extend_from_slice(&h1.encode());
+        assert_eq!(last_message_start(&c), 0);
     }
 
     impl Conn {

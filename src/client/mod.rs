@@ -299,9 +299,13 @@ pub struct RawMessage {
 /// `DEVICE_GET_INFO` reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// Size of the reply.
     pub argsz: u32,
+    /// `DEVICE_FLAGS_*` bits (PCI, reset supported).
     pub flags: u32,
+    /// Number of regions.
     pub num_regions: u32,
+    /// Number of interrupt indexes.
     pub num_irqs: u32,
 }
 
@@ -310,10 +314,15 @@ pub struct DeviceInfo {
 pub struct RegionInfo {
     /// The size the server says the full reply needs.
     pub argsz: u32,
+    /// `REGION_INFO_FLAG_*` bits.
     pub flags: u32,
+    /// Region index.
     pub index: u32,
+    /// Offset of the first capability in the reply, 0 for none.
     pub cap_offset: u32,
+    /// Region size in bytes.
     pub size: u64,
+    /// Offset to map the region at in the fd.
     pub offset: u64,
     /// Mappable areas `(offset, size)` of the sparse-mmap capability, when
     /// the reply carried one.
@@ -325,15 +334,21 @@ pub struct RegionInfo {
 /// One ioeventfd of a `DEVICE_GET_REGION_IO_FDS` reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoEventFdInfo {
+    /// Offset in the region of the watched access.
     pub gpa_offset: u64,
+    /// Size of the watched access.
     pub size: u64,
     /// Index into [`RegionIoFds::fds`].
     pub fd_index: u32,
     /// `IO_FD_TYPE_IOEVENTFD` or `IO_FD_TYPE_IOEVENTFD_SHADOW`.
     pub kind: u32,
+    /// Data-match flags.
     pub flags: u32,
+    /// Index of the shadow memory fd, for shadow ioeventfds.
     pub shadow_fd_index: u32,
+    /// Offset in the shadow memory.
     pub shadow_offset: u64,
+    /// Value matched when data match is on.
     pub datamatch: u64,
 }
 
@@ -342,16 +357,22 @@ pub struct IoEventFdInfo {
 pub struct RegionIoFds {
     /// The size the server says the full reply needs.
     pub argsz: u32,
+    /// Region index.
     pub index: u32,
+    /// The ioeventfds.
     pub entries: Vec<IoEventFdInfo>,
+    /// The fds passed with the reply.
     pub fds: Vec<OwnedFd>,
 }
 
 /// `DEVICE_GET_IRQ_INFO` reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IrqInfo {
+    /// `IRQ_INFO_*` bits.
     pub flags: u32,
+    /// Interrupt index.
     pub index: u32,
+    /// Number of vectors.
     pub count: u32,
 }
 

@@ -69,6 +69,13 @@ impl Context {
         }
         let conn = self.accept()?;
         let twin = self.negotiate(&conn)?;
+        // A blocking context reads its socket from one loop and never asks
+        // the caller to poll it, so it may read ahead: a small request then
+        // costs one recvmsg instead of two. Non-blocking contexts keep exact
+        // reads, so that poll(2) on the socket sees every pending request.
+        if !self.is_nonblocking() {
+            conn.set_read_ahead(true);
+        }
         *self.conn.borrow_mut() = Some(Rc::new(conn));
         *self.twin.borrow_mut() = twin.map(|fd| Rc::new(Conn::from_fd(fd)));
         Ok(())
@@ -199,7 +206,11 @@ impl Context {
                     Ok(Some(r)) => r,
                     Ok(None) => return Err(Errno(libc::ENOMSG)),
                     Err(e) if e.0 == libc::ENOMSG || e.0 == libc::ECONNRESET => {
-                        self.logf(lv::DEBUG, format_args!("client went away: {e}"));
+                        if e.0 == libc::ENOMSG {
+                            self.logf(lv::INFO, format_args!("client disconnected"));
+                        } else {
+                            self.logf(lv::INFO, format_args!("client connection lost: {e}"));
+                        }
                         self.reset_ctx()?;
                         return Err(Errno::ENOTCONN);
                     }

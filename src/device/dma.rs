@@ -1067,6 +1067,275 @@ impl DmaController {
     }
 }
 
+/// The C API's `LIBVFIO_USER_MAX_DMA_REGIONS`: a region limit for
+/// [`Context::setup_dma`](super::Context::setup_dma) that is as good as
+/// none.
+pub const MAX_DMA_REGIONS: usize = 1000 * 1000;
+
+/// `PROT_READ`, for [`DmaController::with_guest`] and
+/// [`DmaController::addr_to_sgl`].
+pub const PROT_READ: i32 = libc::PROT_READ;
+/// `PROT_WRITE`, for [`DmaController::with_guest`] and
+/// [`DmaController::addr_to_sgl`].
+pub const PROT_WRITE: i32 = libc::PROT_WRITE;
+/// `PROT_READ | PROT_WRITE`.
+pub const PROT_RW: i32 = PROT_READ | PROT_WRITE;
+
+// ---- safe access to guest memory ------------------------------------------
+
+impl DmaController {
+    /// Runs `f` with the guest memory at `[iova, iova + len)`, which must be
+    /// mapped into this process (the client passed an fd with `DMA_MAP`) and
+    /// allow `prot` (`PROT_READ`, `PROT_WRITE` or both). The range may span
+    /// several adjacent regions.
+    ///
+    /// The controller's read lock is held while `f` runs, and unmapping a
+    /// region needs the write lock, so the memory cannot go away under the
+    /// [`GuestSlice`]; the slice cannot outlive the call. Keep `f` short:
+    /// the client's `DMA_UNMAP` waits for it. Inside `f`, use only the
+    /// slice: calling [`Context::run`](super::Context::run), or this
+    /// controller again (another `with_guest`, `read`, `addr_to_sgl`...),
+    /// could deadlock, since the lock is not re-entrant and an unmap may be
+    /// waiting for it.
+    ///
+    /// Errors: `EINVAL` for unknown `prot` bits or a range that wraps the
+    /// address space, `ENOENT` when part of the range is not mapped,
+    /// `EACCES` when a region does not allow `prot`, `EFAULT` when a region
+    /// is not mapped into this process (the client gave no fd, or asked for
+    /// file I/O): use [`Self::read`] / [`Self::write`], or
+    /// [`Context::dma_read`](super::Context::dma_read) /
+    /// [`Context::dma_write`](super::Context::dma_write) for those.
+    ///
+    /// ```
+    /// use vfio_user::device::dma::{DmaController, PROT_RW};
+    ///
+    /// let dma = DmaController::new(4);
+    /// // Nothing is mapped yet.
+    /// let r = dma.with_guest(0x1000, 8, PROT_RW, |mem| mem.len());
+    /// assert_eq!(r, Err(vfio_user::Errno::ENOENT));
+    /// ```
+    pub fn with_guest<R>(
+        &self,
+        iova: u64,
+        len: usize,
+        prot: i32,
+        f: impl FnOnce(GuestSlice<'_>) -> R,
+    ) -> Result<R> {
+        if prot & !PROT_RW != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len64 = u64::try_from(len).map_err(|_| Errno::EINVAL)?;
+        let end = iova.checked_add(len64).ok_or(Errno::EINVAL)?;
+        let inner = self.table();
+        let mut addr = iova;
+        while addr < end {
+            let region = containing(&inner.regions, addr).ok_or(Errno::ENOENT)?;
+            if region.prot & prot != prot {
+                return Err(Errno::EACCES);
+            }
+            if region.mode != AccessMode::Mmap {
+                return Err(Errno::EFAULT);
+            }
+            addr = region.end().min(end);
+        }
+        Ok(f(GuestSlice {
+            regions: &inner.regions,
+            iova,
+            len,
+            prot,
+            dirty_page_size: inner.dirty_page_size,
+        }))
+    }
+
+    /// Copies guest memory at `iova` into `buf`, from regions mapped into
+    /// this process or backed by a file (`pread`). The range may span
+    /// several adjacent regions.
+    ///
+    /// Errors: `ENOENT` when part of the range is not mapped, `EACCES` when
+    /// a region is not readable, `EFAULT` when a region can only be reached
+    /// through messages to the client (use
+    /// [`Context::dma_read`](super::Context::dma_read) for those), `EIO` when
+    /// file I/O fails. On error, `buf` may be partly filled.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.for_each_sg(iova, buf.len(), PROT_READ, |sg, range| {
+            let part = buf.get_mut(range).ok_or(Errno::EFAULT)?;
+            match self.sg_read(sg, part, true)? {
+                true => Ok(()),
+                false => Err(Errno::EFAULT),
+            }
+        })
+    }
+
+    /// Copies `buf` into guest memory at `iova`, like [`Self::read`] in the
+    /// other direction; `EACCES` when a region is read-only. Written pages
+    /// are marked dirty while the client logs dirty pages. On error, a
+    /// prefix of `buf` may have been written.
+    pub fn write(&self, iova: u64, buf: &[u8]) -> Result<()> {
+        self.for_each_sg(iova, buf.len(), PROT_WRITE, |sg, range| {
+            let part = buf.get(range).ok_or(Errno::EFAULT)?;
+            match self.sg_write(sg, part, true)? {
+                true => Ok(()),
+                false => Err(Errno::EFAULT),
+            }
+        })
+    }
+
+    /// Translates `[iova, iova + len)` one region at a time and calls `f`
+    /// with each entry and the part of the caller's buffer it covers.
+    pub(crate) fn for_each_sg(
+        &self,
+        iova: u64,
+        len: usize,
+        prot: i32,
+        mut f: impl FnMut(&DmaSg, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let addr = iova.checked_add(done as u64).ok_or(Errno::ENOENT)?;
+            let mut sgl = [DmaSg::default()];
+            match self.addr_to_sgl(addr, (len - done) as u64, &mut sgl, prot) {
+                Ok(_) | Err(SglError::NeedMore(_)) => {}
+                Err(SglError::Errno(e)) => return Err(e),
+            }
+            let [sg] = sgl;
+            let n = usize::try_from(sg.length).map_err(|_| Errno::EINVAL)?;
+            if n == 0 || n > len - done {
+                return Err(Errno::EFAULT);
+            }
+            f(&sg, done..done + n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Guest memory lent to the closure of [`DmaController::with_guest`].
+///
+/// Offsets are relative to the start of the range. Every access is
+/// bounds-checked and copies with [`std::ptr::copy`]: the memory is shared
+/// with the client (and the guest behind it), which may change it at any
+/// time, so no Rust reference to it is ever handed out. Bytes that the guest
+/// writes concurrently may read back torn, as with any memory shared with a
+/// guest.
+pub struct GuestSlice<'a> {
+    regions: &'a BTreeMap<u64, Region>,
+    iova: u64,
+    len: usize,
+    prot: i32,
+    dirty_page_size: u64,
+}
+
+impl fmt::Debug for GuestSlice<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestSlice")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.len)
+            .field("prot", &self.prot)
+            .finish()
+    }
+}
+
+impl GuestSlice<'_> {
+    /// Length of the range in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Guest address (IOVA) of the first byte.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Whether [`Self::write_at`] is allowed (the range was borrowed with
+    /// `PROT_WRITE`).
+    pub fn is_writable(&self) -> bool {
+        self.prot & PROT_WRITE != 0
+    }
+
+    /// Copies `buf.len()` bytes at `offset` into `buf`. `EFAULT` when they
+    /// are not all inside the range, `EPERM` when the range was borrowed
+    /// without `PROT_READ`.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        if self.prot & PROT_READ == 0 {
+            return Err(Errno::EPERM);
+        }
+        let dst = buf.as_mut_ptr();
+        self.each_piece(offset, buf.len(), |src, done, n, _, _| {
+            // SAFETY: `each_piece` hands out `n` bytes at `src` inside a
+            // region that is mapped readable (checked by `with_guest`) and
+            // stays mapped while the table's read lock, which `'a` borrows,
+            // is held; `done + n <= buf.len()`. `copy` tolerates overlap
+            // (`buf` could itself be guest memory).
+            unsafe { std::ptr::copy(src as *const u8, dst.add(done), n) };
+        })
+    }
+
+    /// Copies `buf` into the range at `offset` and marks the pages dirty
+    /// while the client logs dirty pages. `EFAULT` when the bytes are not
+    /// all inside the range, `EPERM` when the range was borrowed without
+    /// `PROT_WRITE`.
+    pub fn write_at(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        if self.prot & PROT_WRITE == 0 {
+            return Err(Errno::EPERM);
+        }
+        let src = buf.as_ptr();
+        let page_size = self.dirty_page_size;
+        self.each_piece(offset, buf.len(), |dst, done, n, region, region_off| {
+            // SAFETY: as in `read_at`, with the region mapped writable.
+            unsafe { std::ptr::copy(src.add(done), dst, n) };
+            // After the copy, so that a concurrent report cannot clear the
+            // bit of a write that has not landed yet.
+            region.mark_dirty(region_off, n as u64, page_size);
+        })
+    }
+
+    /// Copies the whole range into a new vector (`EPERM` without
+    /// `PROT_READ`).
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len];
+        self.read_at(0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Calls `f(address, done, n, region, offset in region)` for each piece
+    /// of `[offset, offset + len)` that lies in one region.
+    fn each_piece(
+        &self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(*mut u8, usize, usize, &Region, u64),
+    ) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(Errno::EFAULT),
+        }
+        let mut done = 0usize;
+        while done < len {
+            // Cannot overflow: `with_guest` checked `iova + self.len`.
+            let addr = self.iova + (offset + done) as u64;
+            let region = containing(self.regions, addr).ok_or(Errno::EFAULT)?;
+            let in_region = addr - region.iova;
+            let n = usize::try_from(region.end() - addr)
+                .unwrap_or(usize::MAX)
+                .min(len - done);
+            // The region was validated as mapped when the slice was made, and
+            // the table cannot change while the slice lives.
+            if region.mode != AccessMode::Mmap || region.vaddr == 0 {
+                return Err(Errno::EFAULT);
+            }
+            let ptr = (region.vaddr + in_region as usize) as *mut u8;
+            f(ptr, done, n, region, in_region);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 /// Walks the regions covering `[iova, iova + len)`, filling `sgl` as far as
 /// it goes, and returns the number of entries the whole range needs.
 fn translate(
@@ -2216,5 +2485,177 @@ mod tests {
         assert_eq!(words[2].load(Ordering::Relaxed), 0b11);
         set_bits(&words, 190, 1000);
         assert_eq!(words[2].load(Ordering::Relaxed), 0b11 | (0b11 << 62));
+    }
+
+    #[test]
+    fn guest_slice_reads_writes_and_checks_bounds() {
+        let dma = DmaController::new(8);
+        let f1 = memfd(2 * PAGE);
+        let f2 = memfd(2 * PAGE);
+        dma.add_region(0x10000, 2 * PAGE, Some(dup(&f1)), 0, PROT_RW, false)
+            .unwrap();
+        // Adjacent region: a slice may span both.
+        dma.add_region(0x12000, 2 * PAGE, Some(dup(&f2)), 0, PROT_RW, false)
+            .unwrap();
+        pwrite_file(&f1, 0x1ffe, &[1, 2]);
+        pwrite_file(&f2, 0, &[3, 4]);
+        let got = dma
+            .with_guest(0x11ffe, 4, PROT_RW, |mem| {
+                assert_eq!(mem.len(), 4);
+                assert_eq!(mem.iova(), 0x11ffe);
+                assert!(mem.is_writable());
+                let mut b = [0u8; 4];
+                mem.read_at(0, &mut b).unwrap();
+                mem.write_at(1, &[9, 8]).unwrap();
+                // Out of bounds, or overflowing offsets.
+                assert_eq!(mem.read_at(3, &mut [0; 2]), Err(Errno::EFAULT));
+                assert_eq!(mem.write_at(5, &[]), Err(Errno::EFAULT));
+                assert_eq!(mem.read_at(usize::MAX, &mut [0; 2]), Err(Errno::EFAULT));
+                // An empty access at the very end is fine.
+                mem.read_at(4, &mut []).unwrap();
+                (b, mem.to_vec().unwrap())
+            })
+            .unwrap();
+        assert_eq!(got.0, [1, 2, 3, 4]);
+        assert_eq!(got.1, [1, 9, 8, 4]);
+        assert_eq!(pread_file(&f1, 0x1ffe, 2), [1, 9]);
+        assert_eq!(pread_file(&f2, 0, 2), [8, 4]);
+
+        // Read-only borrow: no writes; write-only borrow: no reads.
+        dma.with_guest(0x10000, 16, PROT_READ, |mem| {
+            assert!(!mem.is_writable());
+            assert_eq!(mem.write_at(0, &[1]), Err(Errno::EPERM));
+        })
+        .unwrap();
+        dma.with_guest(0x10000, 16, PROT_WRITE, |mem| {
+            assert_eq!(mem.read_at(0, &mut [0]), Err(Errno::EPERM));
+            assert_eq!(mem.to_vec(), Err(Errno::EPERM));
+        })
+        .unwrap();
+
+        // Holes, wrapping ranges, bad prot.
+        assert_eq!(
+            dma.with_guest(0x13000, 2 * PAGE as usize, PROT_READ, |_| ()),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            dma.with_guest(0xf000, 0x1001, PROT_READ, |_| ()),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            dma.with_guest(u64::MAX, 2, PROT_READ, |_| ()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.with_guest(0x10000, 1, libc::PROT_EXEC, |_| ()),
+            Err(Errno::EINVAL)
+        );
+        // An empty range needs no mapping.
+        assert_eq!(dma.with_guest(0, 0, PROT_RW, |m| m.is_empty()), Ok(true));
+    }
+
+    #[test]
+    fn guest_slice_refuses_unmapped_and_read_only_regions() {
+        let dma = DmaController::new(8);
+        // Message-only region and a file-I/O region: not in our memory.
+        dma.add_region(0x1000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        let fio = memfd(PAGE);
+        dma.add_region(0x4000, PAGE, Some(dup(&fio)), 0, PROT_RW, true)
+            .unwrap();
+        let ro = memfd(PAGE);
+        dma.add_region(0x8000, PAGE, Some(dup(&ro)), 0, libc::PROT_READ, false)
+            .unwrap();
+        assert_eq!(
+            dma.with_guest(0x1000, 4, PROT_READ, |_| ()),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            dma.with_guest(0x4000, 4, PROT_READ, |_| ()),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            dma.with_guest(0x8000, 4, PROT_RW, |_| ()),
+            Err(Errno::EACCES)
+        );
+        pwrite_file(&ro, 0, &[7]);
+        assert_eq!(
+            dma.with_guest(0x8000, 1, PROT_READ, |m| m.to_vec()),
+            Ok(Ok(vec![7]))
+        );
+
+        // read/write: file I/O works, messages do not, read-only refuses.
+        dma.write(0x4ffe, &[5, 6]).unwrap();
+        assert_eq!(pread_file(&fio, 0xffe, 2), [5, 6]);
+        let mut b = [0u8; 2];
+        dma.read(0x4ffe, &mut b).unwrap();
+        assert_eq!(b, [5, 6]);
+        assert_eq!(dma.read(0x1000, &mut b), Err(Errno::EFAULT));
+        assert_eq!(dma.write(0x8000, &b), Err(Errno::EACCES));
+        assert_eq!(dma.read(0x2000, &mut b), Err(Errno::ENOENT));
+        dma.read(0x8000, &mut b[..1]).unwrap();
+        assert_eq!(b[0], 7);
+        // Zero-length transfers succeed anywhere.
+        dma.read(0xdead_0000, &mut []).unwrap();
+    }
+
+    #[test]
+    fn read_write_span_regions_and_mark_dirty() {
+        let dma = DmaController::new(8);
+        let f1 = memfd(2 * PAGE);
+        let f2 = memfd(2 * PAGE);
+        dma.add_region(0, 2 * PAGE, Some(dup(&f1)), 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(2 * PAGE, 2 * PAGE, Some(dup(&f2)), 0, PROT_RW, true)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+        let data: Vec<u8> = (0..=255u8).cycle().take(PAGE as usize + 8).collect();
+        dma.write(PAGE + PAGE / 2, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dma.read(PAGE + PAGE / 2, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(pread_file(&f2, 0, 4), data[PAGE as usize / 2..][..4]);
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0b10);
+        assert_eq!(bits(&report(&dma, 2 * PAGE, 2 * PAGE, PAGE).unwrap()), 0b1);
+
+        // Writes through a guest slice are logged too, reads are not.
+        dma.with_guest(0, 2 * PAGE as usize, PROT_RW, |m| {
+            m.read_at(0, &mut [0; 8]).unwrap();
+            m.write_at(PAGE as usize + 1, &[1]).unwrap();
+        })
+        .unwrap();
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0b10);
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0);
+    }
+
+    #[test]
+    fn unmap_waits_for_guest_slice() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Barrier;
+        let dma = Arc::new(DmaController::new(4));
+        dma.add_region(0x1000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let inside = Arc::new(Barrier::new(2));
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (dma, inside, done) = (dma.clone(), inside.clone(), done.clone());
+            std::thread::spawn(move || {
+                dma.with_guest(0x1000, 16, PROT_RW, |m| {
+                    inside.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    m.write_at(0, &[1; 16]).unwrap();
+                    done.store(true, Ordering::SeqCst);
+                })
+                .unwrap();
+            })
+        };
+        inside.wait();
+        dma.remove_region(0x1000, PAGE).unwrap();
+        assert!(done.load(Ordering::SeqCst), "unmapped under a live slice");
+        t.join().unwrap();
+        assert_eq!(
+            dma.with_guest(0x1000, 16, PROT_RW, |_| ()),
+            Err(Errno::ENOENT)
+        );
     }
 }

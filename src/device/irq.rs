@@ -25,6 +25,54 @@ pub const REQ: u32 = 4;
 /// Number of IRQ indexes.
 pub const NUM_IRQ_TYPES: usize = 5;
 
+/// An interrupt index (`vfu_dev_irq_type`), for
+/// [`Context::setup_irq_count`](super::Context::setup_irq_count) and
+/// friends, which also take the raw `u32` values above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum IrqType {
+    /// Legacy INTx line ([`INTX`]).
+    Intx = INTX,
+    /// MSI ([`MSI`]).
+    Msi = MSI,
+    /// MSI-X ([`MSIX`]).
+    Msix = MSIX,
+    /// Error interrupt ([`ERR`]), one vector.
+    Err = ERR,
+    /// Device request interrupt ([`REQ`]), one vector.
+    Req = REQ,
+}
+
+impl IrqType {
+    /// Every index, in order.
+    pub const ALL: [IrqType; NUM_IRQ_TYPES] = [
+        IrqType::Intx,
+        IrqType::Msi,
+        IrqType::Msix,
+        IrqType::Err,
+        IrqType::Req,
+    ];
+
+    /// The index for a raw value, if it is one.
+    pub fn from_raw(index: u32) -> Option<IrqType> {
+        IrqType::ALL.get(index as usize).copied()
+    }
+}
+
+impl From<IrqType> for u32 {
+    fn from(t: IrqType) -> u32 {
+        t as u32
+    }
+}
+
+impl TryFrom<u32> for IrqType {
+    type Error = Errno;
+    /// `EINVAL` for an unknown index.
+    fn try_from(index: u32) -> Result<IrqType> {
+        IrqType::from_raw(index).ok_or(Errno::EINVAL)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Vectors {
     shared: Vec<Option<OwnedFd>>,
@@ -45,9 +93,13 @@ impl Vectors {
 /// A change of mask state requested by the client, to report to the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaskChange {
+    /// Interrupt index (`INTX`, `MSI`, ...).
     pub index: u32,
+    /// First vector concerned.
     pub start: u32,
+    /// Number of vectors.
     pub count: u32,
+    /// Masked (true) or unmasked.
     pub mask: bool,
 }
 
@@ -406,5 +458,16 @@ mod tests {
         p[8] = 5;
         assert_eq!(irqs.handle_get_info(&p), Err(Errno::EINVAL));
         assert_eq!(irqs.handle_get_info(&p[..15]), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn irq_type_round_trips() {
+        for (i, t) in IrqType::ALL.iter().enumerate() {
+            assert_eq!(u32::from(*t), i as u32);
+            assert_eq!(IrqType::try_from(i as u32), Ok(*t));
+        }
+        assert_eq!(u32::from(IrqType::Msix), MSIX);
+        assert_eq!(IrqType::from_raw(NUM_IRQ_TYPES as u32), None);
+        assert_eq!(IrqType::try_from(99), Err(Errno::EINVAL));
     }
 }

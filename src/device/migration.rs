@@ -73,6 +73,58 @@ pub const VFU_MIGR_STATE_PRE_COPY: u32 = 3;
 /// `vfu_migr_state_t` value for RESUMING.
 pub const VFU_MIGR_STATE_RESUME: u32 = 4;
 
+/// A migration state as the device's transition callback sees it
+/// (`vfu_migr_state_t`); [`MigrState::from_raw`] converts the `u32` that
+/// [`MigrationDevice::transition`](super::MigrationDevice::transition)
+/// receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum MigrState {
+    /// Stopped: no DMA, no interrupts, registers still readable.
+    Stop = VFU_MIGR_STATE_STOP,
+    /// Running normally (the initial state).
+    Running = VFU_MIGR_STATE_RUNNING,
+    /// Stopped, the final device state being saved (`read_data`).
+    StopAndCopy = VFU_MIGR_STATE_STOP_AND_COPY,
+    /// Running, device state being saved ahead of the stop (`read_data`).
+    PreCopy = VFU_MIGR_STATE_PRE_COPY,
+    /// Stopped, device state being restored (`write_data`).
+    Resume = VFU_MIGR_STATE_RESUME,
+}
+
+impl MigrState {
+    /// The state for a raw `VFU_MIGR_STATE_*` value, if it is one.
+    pub fn from_raw(v: u32) -> Option<MigrState> {
+        match v {
+            VFU_MIGR_STATE_STOP => Some(MigrState::Stop),
+            VFU_MIGR_STATE_RUNNING => Some(MigrState::Running),
+            VFU_MIGR_STATE_STOP_AND_COPY => Some(MigrState::StopAndCopy),
+            VFU_MIGR_STATE_PRE_COPY => Some(MigrState::PreCopy),
+            VFU_MIGR_STATE_RESUME => Some(MigrState::Resume),
+            _ => None,
+        }
+    }
+
+    /// Whether the device may run (DMA, interrupts) in this state.
+    pub fn is_running(self) -> bool {
+        matches!(self, MigrState::Running | MigrState::PreCopy)
+    }
+}
+
+impl From<MigrState> for u32 {
+    fn from(s: MigrState) -> u32 {
+        s as u32
+    }
+}
+
+impl TryFrom<u32> for MigrState {
+    type Error = Errno;
+    /// `EINVAL` for an unknown state.
+    fn try_from(v: u32) -> Result<MigrState> {
+        MigrState::from_raw(v).ok_or(Errno::EINVAL)
+    }
+}
+
 /// The only `vfu_migration_callbacks_t.version` accepted.
 pub const VFU_MIGR_CALLBACKS_VERS: i32 = 2;
 
@@ -1687,5 +1739,25 @@ mod tests {
                 (VFU_MIGR_STATE_RESUME, STOP)
             ]
         );
+    }
+
+    #[test]
+    fn migr_state_values() {
+        let all = [
+            (MigrState::Stop, VFU_MIGR_STATE_STOP),
+            (MigrState::Running, VFU_MIGR_STATE_RUNNING),
+            (MigrState::StopAndCopy, VFU_MIGR_STATE_STOP_AND_COPY),
+            (MigrState::PreCopy, VFU_MIGR_STATE_PRE_COPY),
+            (MigrState::Resume, VFU_MIGR_STATE_RESUME),
+        ];
+        for (s, v) in all {
+            assert_eq!(u32::from(s), v);
+            assert_eq!(MigrState::from_raw(v), Some(s));
+            assert_eq!(MigrState::try_from(v), Ok(s));
+        }
+        assert_eq!(MigrState::from_raw(5), None);
+        assert_eq!(MigrState::try_from(77), Err(Errno::EINVAL));
+        assert!(MigrState::PreCopy.is_running());
+        assert!(!MigrState::StopAndCopy.is_running());
     }
 }

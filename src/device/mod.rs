@@ -11,7 +11,7 @@
 //! allows a region callback to trigger an IRQ or read config space), so the
 //! context never holds a borrow of its own state while a callback runs.
 
-pub mod dispatch;
+pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
 pub mod irq;
@@ -25,24 +25,36 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use crate::error::{Errno, Result};
 use crate::protocol::caps::ClientCaps;
 use crate::transport::{Conn, Listener};
 
-pub use dma::{DmaController, DmaInfo, DmaSg};
-pub use irq::Irqs;
+pub use dma::{DmaController, DmaInfo, DmaSg, GuestSlice};
+pub use irq::{IrqType, Irqs};
+pub use migration::MigrState;
+pub use pci::{PciConfig, PciType};
 pub use region::{IoEventFd, Region, RegionCb, RegionSetup};
 
-/// syslog-style log levels, as `vfu_setup_log` takes them.
+/// syslog-style log levels, as `vfu_setup_log` takes them: a message is
+/// logged when its level is at most the context's level.
 pub mod log_level {
+    /// The system is unusable (`LOG_EMERG`).
     pub const EMERG: i32 = 0;
+    /// Action must be taken immediately (`LOG_ALERT`).
     pub const ALERT: i32 = 1;
+    /// Critical conditions (`LOG_CRIT`).
     pub const CRIT: i32 = 2;
+    /// Error conditions (`LOG_ERR`), the default level.
     pub const ERR: i32 = 3;
+    /// Warning conditions (`LOG_WARNING`).
     pub const WARNING: i32 = 4;
+    /// Normal but significant conditions (`LOG_NOTICE`).
     pub const NOTICE: i32 = 5;
+    /// Informational messages (`LOG_INFO`).
     pub const INFO: i32 = 6;
+    /// Debug messages (`LOG_DEBUG`).
     pub const DEBUG: i32 = 7;
 }
 
@@ -71,13 +83,24 @@ pub type DmaCb = Rc<dyn Fn(&Context, &DmaInfo)>;
 /// IRQ mask-state callback: `(ctx, start, count, masked)`.
 pub type IrqStateCb = Rc<dyn Fn(&Context, u32, u32, bool)>;
 
-/// A device's live-migration callbacks (`vfu_migration_callbacks_t`).
+/// A device's live-migration callbacks (`vfu_migration_callbacks_t`),
+/// registered with [`Context::setup_migration`].
+///
+/// The methods take `&self` and run on the context's thread, inside
+/// [`Context::run`]: keep mutable device state in a `Cell` or `RefCell`.
+/// Errors go back to the client as they are.
 pub trait MigrationDevice {
-    /// Move to `state` (a `VFU_MIGR_STATE_*` value).
+    /// Move to `state`, a `VFU_MIGR_STATE_*` value ([`MigrState::from_raw`]
+    /// gives the typed state). The library walks the state machine and calls
+    /// this once per step, in order. An error leaves the device in the state
+    /// it was in before this step.
     fn transition(&self, ctx: &Context, state: u32) -> Result<()>;
-    /// Produce migration data into `buf`; 0 means no more data.
+    /// Produce migration data into (a prefix of) `buf` and return how many
+    /// bytes were written; 0 means there is no more data for now. Called in
+    /// PRE_COPY and STOP_AND_COPY.
     fn read_data(&self, ctx: &Context, buf: &mut [u8]) -> Result<usize>;
-    /// Consume migration data.
+    /// Consume migration data sent by the source (in RESUME); must consume
+    /// all of `buf` and return its length.
     fn write_data(&self, ctx: &Context, buf: &[u8]) -> Result<usize>;
 }
 
@@ -95,7 +118,31 @@ pub(crate) struct Callbacks {
     pub migration: Option<Rc<dyn MigrationDevice>>,
 }
 
-/// The device context.
+/// The device context: one device, served on one UNIX socket to one client
+/// at a time.
+///
+/// This is the engine behind both APIs: the C functions of
+/// `libvfio-user.so.0` are thin wrappers over it. From Rust:
+///
+/// 1. [`Context::create`] binds the socket;
+/// 2. set the device up: [`Context::pci_init`] and [`PciConfig`],
+///    [`Context::setup_region`], [`Context::setup_irq_count`],
+///    [`Context::setup_dma`], [`Context::setup_migration`], callbacks
+///    ([`Context::on_reset`], [`Context::on_quiesce`], ...);
+/// 3. [`Context::realize`];
+/// 4. [`Context::attach`] waits for a client, [`Context::run`] serves it
+///    (or, non-blocking, [`Context::try_attach`], [`Context::wait_ready`]
+///    and [`Context::run_ready`] from an event loop).
+///
+/// Callbacks are closures that receive `&Context` (they may call back into
+/// it, to trigger an interrupt or read guest memory, say). Device state they
+/// share is typically an `Rc<RefCell<State>>` captured by each closure; the
+/// raw [`Context::private`] pointer only exists for the C API.
+///
+/// A context is neither `Send` nor `Sync`: it lives on the thread that
+/// created it. [`Context::dma`] and [`Context::irqs`] hand out `Send + Sync`
+/// handles for other threads. Dropping the context disconnects the client
+/// (running the reset and DMA-unregister callbacks) and removes the socket.
 pub struct Context {
     private: *mut libc::c_void,
     nonblocking: bool,
@@ -142,8 +189,23 @@ impl From<&ClientCaps> for ClientLimits {
 }
 
 impl Context {
-    /// Creates a context serving a UNIX socket at `path` (`vfu_create_ctx`).
-    /// The socket is bound and listening when this returns.
+    /// Creates a context serving a UNIX socket at `path`, bound and
+    /// listening when this returns. With `nonblocking`, [`Context::attach`]
+    /// and [`Context::run`] never wait (see [`Context::try_attach`],
+    /// [`Context::wait_ready`] and [`Context::run_ready`]).
+    ///
+    /// Errors: the errno of `bind`/`listen` (`EADDRINUSE` when the path
+    /// exists, for instance).
+    pub fn create(path: impl AsRef<Path>, nonblocking: bool) -> Result<Context> {
+        let flags = if nonblocking { FLAG_ATTACH_NB } else { 0 };
+        Context::new(path.as_ref(), flags, std::ptr::null_mut())
+    }
+
+    /// Creates a context serving a UNIX socket at `path` (`vfu_create_ctx`),
+    /// with `FLAG_*` flags and the C API's private pointer (returned by
+    /// [`Context::private`], never dereferenced by the library). The socket
+    /// is bound and listening when this returns. Rust code normally uses
+    /// [`Context::create`].
     pub fn new(path: &Path, flags: i32, private: *mut libc::c_void) -> Result<Context> {
         if flags & !FLAG_ATTACH_NB != 0 {
             return Err(Errno::EINVAL);
@@ -180,7 +242,8 @@ impl Context {
         })
     }
 
-    /// The private pointer given at creation.
+    /// The private pointer given to [`Context::new`] (null for
+    /// [`Context::create`]).
     pub fn private(&self) -> *mut libc::c_void {
         self.private
     }
@@ -272,14 +335,80 @@ impl Context {
         Ok(())
     }
 
-    /// Sets the reset callback.
+    /// Sets (or, with `None`, removes) the reset callback. See
+    /// [`Context::on_reset`].
     pub fn setup_reset_cb(&self, cb: Option<ResetCb>) {
         self.cbs.borrow_mut().reset = cb;
     }
 
-    /// Sets the quiesce callback.
+    /// Sets (or, with `None`, removes) the quiesce callback. See
+    /// [`Context::on_quiesce`].
     pub fn setup_quiesce_cb(&self, cb: Option<QuiesceCb>) {
         self.cbs.borrow_mut().quiesce = cb;
+    }
+
+    /// Calls `f` when the device must reset: the client asked for a device
+    /// reset or a PCI function-level reset, or went away
+    /// ([`ResetType::LostConn`]). The library has already quiesced the
+    /// device. An error goes back to the client.
+    pub fn on_reset(&self, f: impl Fn(&Context, ResetType) -> Result<()> + 'static) {
+        self.setup_reset_cb(Some(Rc::new(f)));
+    }
+
+    /// Calls `f` before any operation that needs the device quiet: DMA map
+    /// and unmap, reset, migration state changes and the context's teardown
+    /// when the client leaves. While quiesced the device must not use guest
+    /// memory, except from inside the callbacks the library makes meanwhile
+    /// (DMA register and unregister, reset, migration transition).
+    ///
+    /// `f` returns `Ok(())` when the device is quiet now; it is unquiesced
+    /// when [`Context::run`] returns. It returns `Err(EBUSY)` when it needs
+    /// time: `run` then fails with `EBUSY` until the device calls
+    /// [`Context::device_quiesced`], which carries out the operation (the
+    /// device is unquiesced when that returns). Any other error fails the
+    /// operation. See the crate documentation's section on quiesce.
+    /// Without a quiesce callback the device is assumed to be always quiet
+    /// (it only touches guest memory from its own thread, outside
+    /// [`Context::run`]).
+    pub fn on_quiesce(&self, f: impl Fn(&Context) -> Result<()> + 'static) {
+        self.setup_quiesce_cb(Some(Rc::new(f)));
+    }
+
+    /// Calls `f(ctx, start, count, masked)` when the client masks or unmasks
+    /// vectors of interrupt `index` ([`IrqType`] or a raw index).
+    pub fn on_irq_state(
+        &self,
+        index: impl Into<u32>,
+        f: impl Fn(&Context, u32, u32, bool) + 'static,
+    ) -> Result<()> {
+        self.setup_irq_state_cb(index, Some(Rc::new(f)))
+    }
+
+    /// Sends the library's and [`Context::log`]'s messages at `level` (a
+    /// [`log_level`] value) or more severe to `f(ctx, level, message)`.
+    pub fn on_log(&self, level: i32, f: impl Fn(&Context, i32, &str) + 'static) -> Result<()> {
+        self.setup_log(Some(Rc::new(f)), level)
+    }
+
+    /// Calls `f` after the client maps a DMA region; needs
+    /// [`Context::setup_dma`] first (`EINVAL` otherwise).
+    pub fn on_dma_register(&self, f: impl Fn(&Context, &DmaInfo) + 'static) -> Result<()> {
+        if self.dma.get().is_none() {
+            return Err(Errno::EINVAL);
+        }
+        self.cbs.borrow_mut().dma_register = Some(Rc::new(f));
+        Ok(())
+    }
+
+    /// Calls `f` before a DMA region goes away (client unmap or
+    /// disconnection): the device must stop using addresses inside it. Needs
+    /// [`Context::setup_dma`] first (`EINVAL` otherwise).
+    pub fn on_dma_unregister(&self, f: impl Fn(&Context, &DmaInfo) + 'static) -> Result<()> {
+        if self.dma.get().is_none() {
+            return Err(Errno::EINVAL);
+        }
+        self.cbs.borrow_mut().dma_unregister = Some(Rc::new(f));
+        Ok(())
     }
 
     /// Enables DMA (`vfu_setup_device_dma`): clients may then map memory, up
@@ -304,8 +433,11 @@ impl Context {
         Ok(())
     }
 
-    /// Sets the number of vectors of an IRQ index (`vfu_setup_device_nr_irqs`).
-    pub fn setup_irq_count(&self, index: u32, count: u32) -> Result<()> {
+    /// Sets the number of vectors of interrupt `index`
+    /// (`vfu_setup_device_nr_irqs`): an [`IrqType`], or a raw index as the C
+    /// API passes it. `EINVAL` for an unknown index, `EBUSY` once realized.
+    pub fn setup_irq_count(&self, index: impl Into<u32>, count: u32) -> Result<()> {
+        let index: u32 = index.into();
         let mut c = self.irq_counts.get();
         *c.get_mut(index as usize).ok_or(Errno::EINVAL)? = count;
         if self.irqs.get().is_some() {
@@ -315,14 +447,18 @@ impl Context {
         Ok(())
     }
 
-    /// Sets the mask-state callback of an IRQ index.
-    pub fn setup_irq_state_cb(&self, index: u32, cb: Option<IrqStateCb>) -> Result<()> {
+    /// Sets the mask-state callback of interrupt `index` (see
+    /// [`Context::on_irq_state`]). `EINVAL` for an unknown index.
+    pub fn setup_irq_state_cb(&self, index: impl Into<u32>, cb: Option<IrqStateCb>) -> Result<()> {
+        let index: u32 = index.into();
         let mut c = self.cbs.borrow_mut();
         *c.irq_state.get_mut(index as usize).ok_or(Errno::EINVAL)? = cb;
         Ok(())
     }
 
-    /// Enables live migration with the device's callbacks.
+    /// Enables live migration (protocol v2, with pre-copy) with the device's
+    /// callbacks. Dirty-page logging needs [`Context::setup_dma`] too.
+    /// `EEXIST` when called twice.
     pub fn setup_migration(&self, dev: Rc<dyn MigrationDevice>) -> Result<()> {
         let m = migration::Migration::new(migration::VFU_MIGR_CALLBACKS_VERS)?;
         self.migration.set(m).map_err(|_| Errno::EEXIST)?;
@@ -330,9 +466,32 @@ impl Context {
         Ok(())
     }
 
-    /// Initializes PCI config space (`vfu_pci_init`).
-    pub fn pci_init(&self, pci_type: u32, hdr_type: i32, revision: i32) -> Result<()> {
-        let p = pci::PciConfig::new(pci_type, hdr_type, revision)?;
+    /// Initializes PCI config space (`vfu_pci_init`) and returns it, to set
+    /// IDs and class and to add capabilities.
+    ///
+    /// `pci_type` is a [`PciType`] (or a raw `PCI_TYPE_*` value, as the C
+    /// API passes it): 256 bytes of config space for conventional PCI and
+    /// PCI-X mode 1, 4096 for PCI-X mode 2 and Express. `hdr_type` must be
+    /// [`pci::PCI_HEADER_TYPE_NORMAL`]; `revision` is ignored (set the
+    /// revision byte with [`PciConfig::write_raw`]). `EINVAL` for anything
+    /// else, `EEXIST` when config space exists already.
+    ///
+    /// ```no_run
+    /// # fn main() -> vfio_user::Result<()> {
+    /// use vfio_user::device::{pci, PciType};
+    /// let ctx = vfio_user::Context::create("/tmp/dev.sock", false)?;
+    /// let cfg = ctx.pci_init(PciType::Express, pci::PCI_HEADER_TYPE_NORMAL, 0)?;
+    /// cfg.set_id(0x494f, 0x0dc8, 0, 0);
+    /// cfg.set_class(0xff, 0, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn pci_init(
+        &self,
+        pci_type: impl Into<u32>,
+        hdr_type: i32,
+        revision: i32,
+    ) -> Result<&pci::PciConfig> {
+        let p = pci::PciConfig::new(pci_type.into(), hdr_type, revision)?;
         {
             let regions = self.regions.borrow();
             for (i, r) in regions.iter().enumerate().take(region::ROM + 1) {
@@ -353,7 +512,7 @@ impl Context {
         let cfg = &mut regions[region::CFG];
         cfg.size = size;
         cfg.flags = region::FLAG_RW;
-        Ok(())
+        self.pci.get().ok_or(Errno::ENOMEM)
     }
 
     /// The PCI config space, once [`Context::pci_init`] or realize made it.
@@ -419,7 +578,11 @@ impl Context {
         self.conn.borrow().is_some()
     }
 
-    /// The fd to poll: the connection when attached, else the listener.
+    /// The fd to poll for readability (`vfu_get_poll_fd`): the connection
+    /// when attached, else the listening socket. It changes on attach and
+    /// when the client leaves, so fetch it again each time round an event
+    /// loop. -1 when there is neither. [`Context::wait_ready`] polls it for
+    /// you.
     pub fn poll_fd(&self) -> RawFd {
         if let Some(c) = self.conn.borrow().as_ref() {
             return c.as_raw_fd();
@@ -436,8 +599,254 @@ impl Context {
     }
 }
 
+// ---- event loops and guest memory ------------------------------------------
+
+impl Context {
+    /// Attaches a client if one is waiting (`vfu_attach_ctx` on a
+    /// non-blocking context): `Ok(true)` once attached, `Ok(false)` when no
+    /// client is there yet (or a signal interrupted the wait). A blocking
+    /// context waits for a client, like [`Context::attach`]. A client that
+    /// fails version negotiation is dropped with an error (`EINVAL` usually);
+    /// the caller may try again.
+    pub fn try_attach(&self) -> Result<bool> {
+        match self.attach() {
+            Ok(()) => Ok(true),
+            Err(e) if is_transient(e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until there is something for the context to do, at most
+    /// `timeout` (`None`: no limit): a client connecting, a request (or the
+    /// client hanging up) on the connection, or requests that arrived while
+    /// the device waited for a DMA reply and are held in the context (those
+    /// make it return at once: polling the socket would not see them).
+    ///
+    /// `Ok(true)` when there is work, `Ok(false)` on timeout or when a
+    /// signal interrupted the wait. `ENOTCONN` when there is nothing to poll.
+    /// Use it (or poll [`Context::poll_fd`] in your own loop) before
+    /// [`Context::try_attach`] and [`Context::run_ready`].
+    pub fn wait_ready(&self, timeout: Option<Duration>) -> Result<bool> {
+        if !self.deferred.borrow().is_empty() {
+            return Ok(true);
+        }
+        let fd = self.poll_fd();
+        if fd < 0 {
+            return Err(Errno::ENOTCONN);
+        }
+        let ms = match timeout {
+            None => -1,
+            // Rounded up, so that a short timeout does not become a busy loop.
+            Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd array of length 1 for the call's
+        // duration; `fd` is owned by the context, which outlives the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = Errno::last();
+            return if e.0 == libc::EINTR {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(r > 0)
+    }
+
+    /// Handles the requests that can be handled without waiting, at most
+    /// `max` of them, on a non-blocking context (`EINVAL` on a blocking one,
+    /// whose [`Context::run`] never returns while the client is there).
+    /// Returns how many were handled: 0 when there was nothing to do, or
+    /// when the device is still quiescing (its quiesce callback returned
+    /// `EBUSY` and it has not called [`Context::device_quiesced`] yet).
+    ///
+    /// Errors are [`Context::run`]'s: `ENOTCONN` when the client has gone
+    /// (the context is then ready for [`Context::try_attach`] again), or a
+    /// failure to talk to the client.
+    ///
+    /// A typical loop:
+    ///
+    /// ```no_run
+    /// # fn main() -> vfio_user::Result<()> {
+    /// use std::time::Duration;
+    /// let ctx = vfio_user::Context::create("/tmp/dev.sock", true)?;
+    /// // ... set the device up ...
+    /// ctx.realize()?;
+    /// while !ctx.try_attach()? {
+    ///     ctx.wait_ready(Some(Duration::from_millis(100)))?;
+    /// }
+    /// loop {
+    ///     ctx.wait_ready(Some(Duration::from_millis(5)))?;
+    ///     match ctx.run_ready(64) {
+    ///         Ok(_) => {}
+    ///         Err(vfio_user::Errno::ENOTCONN) => break,
+    ///         Err(e) => return Err(e),
+    ///     }
+    ///     // ... the device's own work: timers, DMA, interrupts ...
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[doc(alias = "run_once")]
+    pub fn run_ready(&self, max: usize) -> Result<usize> {
+        if !self.is_nonblocking() {
+            return Err(Errno::EINVAL);
+        }
+        let mut handled = 0usize;
+        while handled < max {
+            match self.run() {
+                Ok(0) => break,
+                Ok(n) => handled += n,
+                Err(e) if e == Errno::EBUSY || is_transient(e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Copies guest memory at `iova` into `buf`, whatever kind of DMA region
+    /// holds it: directly when the region is mapped into this process or
+    /// backed by a file, else with `DMA_READ` messages the client answers.
+    /// The range may span several regions.
+    ///
+    /// Call it from the context's thread, in the device's own loop rather
+    /// than inside a callback (a client that waits for the reply to its
+    /// request may not answer DMA messages meanwhile). Other threads use
+    /// [`DmaController::read`] on [`Context::dma`].
+    ///
+    /// Errors: `EINVAL` without [`Context::setup_dma`], `ENOENT` when part of
+    /// the range is not mapped, `EACCES` when a region is not readable,
+    /// `ENOTCONN` when the client is gone, or the client's error.
+    pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+        let dma = self.dma().ok_or(Errno::EINVAL)?.clone();
+        dma.for_each_sg(iova, buf.len(), dma::PROT_READ, |sg, range| {
+            let part = buf.get_mut(range).ok_or(Errno::EFAULT)?;
+            self.dma_transfer(sg, part, false, true)
+        })
+    }
+
+    /// Copies `buf` into guest memory at `iova`, like [`Context::dma_read`]
+    /// in the other direction (`DMA_WRITE` messages for regions the client
+    /// serves). Written pages are marked dirty while the client logs dirty
+    /// pages. `EACCES` when a region is read-only.
+    pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<()> {
+        let dma = self.dma().ok_or(Errno::EINVAL)?.clone();
+        dma.for_each_sg(iova, buf.len(), dma::PROT_WRITE, |sg, range| {
+            let part = buf.get(range).ok_or(Errno::EFAULT)?;
+            if dma.sg_write(sg, part, true)? {
+                return Ok(());
+            }
+            // Served by the client: the message path needs its own buffer.
+            self.dma_transfer(sg, &mut part.to_vec(), true, false)
+        })
+    }
+}
+
+/// Errors that only mean "nothing to do now".
+fn is_transient(e: Errno) -> bool {
+    e.0 == libc::EAGAIN || e.0 == libc::EWOULDBLOCK || e.0 == libc::EINTR
+}
+
 impl Drop for Context {
     fn drop(&mut self) {
         dispatch::destroy(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sock(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vfu-ctx-{tag}-{}.sock", std::process::id()))
+    }
+
+    #[test]
+    fn create_and_typed_setup() {
+        let path = sock("typed");
+        let ctx = Context::create(&path, true).unwrap();
+        assert!(ctx.is_nonblocking());
+        assert!(ctx.private().is_null());
+        assert_eq!(ctx.path(), path);
+        // The path is taken while the context lives.
+        assert!(Context::create(&path, false).is_err());
+
+        let cfg = ctx
+            .pci_init(PciType::Express, pci::PCI_HEADER_TYPE_NORMAL, 0)
+            .unwrap();
+        assert_eq!(cfg.size(), 4096);
+        assert_eq!(cfg.pci_type(), pci::PCI_TYPE_EXPRESS);
+        assert_eq!(
+            ctx.pci_init(PciType::Conventional, 0, 0).err(),
+            Some(Errno::EEXIST)
+        );
+        assert_eq!(ctx.regions.borrow()[region::CFG].size, 4096);
+
+        ctx.setup_irq_count(IrqType::Msix, 4).unwrap();
+        ctx.setup_irq_count(irq::INTX, 1).unwrap();
+        assert_eq!(ctx.setup_irq_count(9u32, 1), Err(Errno::EINVAL));
+        ctx.on_irq_state(IrqType::Msix, |_, _, _, _| {}).unwrap();
+        assert_eq!(ctx.on_irq_state(5u32, |_, _, _, _| {}), Err(Errno::EINVAL));
+
+        // DMA callbacks need DMA.
+        assert_eq!(ctx.on_dma_register(|_, _| {}), Err(Errno::EINVAL));
+        assert_eq!(ctx.on_dma_unregister(|_, _| {}), Err(Errno::EINVAL));
+        let mut buf = [0u8; 4];
+        assert_eq!(ctx.dma_read(0, &mut buf), Err(Errno::EINVAL));
+        ctx.setup_dma(4, None, None).unwrap();
+        ctx.on_dma_register(|_, _| {}).unwrap();
+        ctx.on_dma_unregister(|_, _| {}).unwrap();
+        assert!(ctx.cbs.borrow().dma_unregister.is_some());
+        // Nothing mapped.
+        assert_eq!(ctx.dma_read(0x1000, &mut buf), Err(Errno::ENOENT));
+        assert_eq!(ctx.dma_write(0x1000, &buf), Err(Errno::ENOENT));
+        ctx.dma_write(0x1000, &[]).unwrap();
+
+        assert_eq!(
+            ctx.on_log(99, |_, _, _| {}),
+            Err(Errno::EINVAL),
+            "bad level"
+        );
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let s = seen.clone();
+        ctx.on_log(log_level::INFO, move |_, level, msg| {
+            s.borrow_mut().push((level, msg.to_string()))
+        })
+        .unwrap();
+        ctx.log(log_level::DEBUG, "hidden");
+        ctx.log(log_level::WARNING, "shown");
+        assert_eq!(*seen.borrow(), [(log_level::WARNING, "shown".to_string())]);
+
+        ctx.on_reset(|_, _| Ok(()));
+        ctx.on_quiesce(|_| Err(Errno::EBUSY));
+        assert!(ctx.cbs.borrow().reset.is_some());
+        assert!(ctx.cbs.borrow().quiesce.is_some());
+        ctx.realize().unwrap();
+        assert_eq!(ctx.irqs().unwrap().count(irq::MSIX), 4);
+        assert_eq!(ctx.setup_irq_count(IrqType::Msi, 1), Err(Errno::EBUSY));
+    }
+
+    #[test]
+    fn nonblocking_event_loop_helpers() {
+        let ctx = Context::create(sock("nb"), true).unwrap();
+        ctx.realize().unwrap();
+        // No client: nothing to attach, polling times out.
+        assert_eq!(ctx.try_attach(), Ok(false));
+        let t = Instant::now();
+        assert_eq!(ctx.wait_ready(Some(Duration::from_millis(30))), Ok(false));
+        assert!(t.elapsed() >= Duration::from_millis(25));
+        // A sub-millisecond timeout still waits (rounded up), without error.
+        assert_eq!(ctx.wait_ready(Some(Duration::from_nanos(1))), Ok(false));
+        // Not attached: nothing to run.
+        assert_eq!(ctx.run_ready(8), Err(Errno::ENOTCONN));
+
+        let blocking = Context::create(sock("blk"), false).unwrap();
+        blocking.realize().unwrap();
+        assert_eq!(blocking.run_ready(8), Err(Errno::EINVAL));
     }
 }

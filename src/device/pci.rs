@@ -53,6 +53,49 @@ pub const PCI_TYPE_EXPRESS: u32 = 3;
 /// `PCI_HEADER_TYPE_NORMAL`, the only header type accepted.
 pub const PCI_HEADER_TYPE_NORMAL: i32 = 0;
 
+/// The kind of PCI function (`vfu_pci_type_t`), for
+/// [`Context::pci_init`](super::Context::pci_init), which also takes the raw
+/// `PCI_TYPE_*` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum PciType {
+    /// Conventional PCI: 256 bytes of config space.
+    Conventional = PCI_TYPE_CONVENTIONAL,
+    /// PCI-X mode 1: 256 bytes of config space.
+    PciX1 = PCI_TYPE_PCI_X_1,
+    /// PCI-X mode 2: 4 KiB of config space.
+    PciX2 = PCI_TYPE_PCI_X_2,
+    /// PCI Express: 4 KiB of config space.
+    Express = PCI_TYPE_EXPRESS,
+}
+
+impl PciType {
+    /// The type for a raw `PCI_TYPE_*` value, if it is one.
+    pub fn from_raw(v: u32) -> Option<PciType> {
+        match v {
+            PCI_TYPE_CONVENTIONAL => Some(PciType::Conventional),
+            PCI_TYPE_PCI_X_1 => Some(PciType::PciX1),
+            PCI_TYPE_PCI_X_2 => Some(PciType::PciX2),
+            PCI_TYPE_EXPRESS => Some(PciType::Express),
+            _ => None,
+        }
+    }
+
+    /// Size of this type's config space in bytes.
+    pub fn config_size(self) -> usize {
+        match self {
+            PciType::Conventional | PciType::PciX1 => CFG_SPACE_SIZE,
+            PciType::PciX2 | PciType::Express => CFG_SPACE_EXP_SIZE,
+        }
+    }
+}
+
+impl From<PciType> for u32 {
+    fn from(t: PciType) -> u32 {
+        t as u32
+    }
+}
+
 /// Index of the expansion ROM in the `bars` slices taken by this module.
 pub const ROM_INDEX: usize = 6;
 /// Number of BARs in a type 0 header.
@@ -1173,5 +1216,23 @@ mod tests {
             .find_next_capability(false, 64, i32::from(CAP_ID_VNDR))
             .is_ok());
         assert_eq!(p.find_capability(true, 0xb), Ok(268));
+    }
+
+    #[test]
+    fn pci_type_values_and_sizes() {
+        for t in [
+            PciType::Conventional,
+            PciType::PciX1,
+            PciType::PciX2,
+            PciType::Express,
+        ] {
+            assert_eq!(PciType::from_raw(u32::from(t)), Some(t));
+            let p = PciConfig::new(t.into(), PCI_HEADER_TYPE_NORMAL, 0).unwrap();
+            assert_eq!(p.size(), t.config_size());
+        }
+        assert_eq!(u32::from(PciType::Express), PCI_TYPE_EXPRESS);
+        assert_eq!(PciType::Conventional.config_size(), 256);
+        assert_eq!(PciType::Express.config_size(), 4096);
+        assert_eq!(PciType::from_raw(4), None);
     }
 }

@@ -27,6 +27,14 @@ pub const FLAG_MASK: u32 = FLAG_RW | FLAG_MEM | FLAG_ALWAYS_CB | FLAG_64_BITS | 
 
 /// Region index of BAR0; BARs 0-5 are 0..=5.
 pub const BAR0: usize = 0;
+/// Region index of BAR1.
+pub const BAR1: usize = 1;
+/// Region index of BAR2.
+pub const BAR2: usize = 2;
+/// Region index of BAR3.
+pub const BAR3: usize = 3;
+/// Region index of BAR4.
+pub const BAR4: usize = 4;
 /// Region index of BAR5.
 pub const BAR5: usize = 5;
 /// Region index of the expansion ROM.
@@ -45,36 +53,58 @@ pub type RegionCb = Rc<dyn Fn(&Context, &mut [u8], u64, bool) -> Result<usize>>;
 /// An ioeventfd registered with `vfu_create_ioeventfd`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IoEventFd {
+    /// Offset in the region of the watched access.
     pub gpa_offset: u64,
+    /// Size of the watched access in bytes.
     pub size: u64,
+    /// The eventfd the client signals; not owned (the device closes it).
     pub fd: RawFd,
+    /// `VFU_IOEVENTFD_FLAG_*` flags (data match).
     pub flags: u32,
+    /// Value to match when the data-match flag is set.
     pub datamatch: u64,
+    /// Shadow memory fd, or -1 (shadow ioeventfds are refused).
     pub shadow_fd: RawFd,
+    /// Offset in the shadow memory.
     pub shadow_offset: u64,
 }
 
 /// One region's setup.
 #[derive(Clone, Default)]
 pub struct Region {
+    /// `FLAG_*` flags.
     pub flags: u32,
+    /// Size in bytes (0: the region does not exist).
     pub size: u64,
+    /// The access handler.
     pub cb: Option<RegionCb>,
     /// Mappable areas as (offset, length) within the region.
     pub mmap_areas: Vec<(u64, u64)>,
     /// The device's fd backing the region; not owned (the device closes it).
     pub fd: Option<RawFd>,
+    /// Offset of the region in `fd`.
     pub offset: u64,
+    /// The ioeventfds registered for the region.
     pub ioeventfds: Vec<IoEventFd>,
 }
 
-/// What `vfu_setup_region` is given.
+/// What `vfu_setup_region` is given; build it with [`RegionSetup::new`]
+/// and the `with_*` methods and pass it to
+/// [`Context::setup_region`](super::Context::setup_region).
 pub struct RegionSetup {
+    /// Size in bytes.
     pub size: u64,
+    /// The access handler (see [`RegionSetup::with_callback`]).
     pub cb: Option<RegionCb>,
+    /// `FLAG_*` flags: at least one of read and write; `FLAG_MEM` for a
+    /// memory BAR, an I/O BAR otherwise.
     pub flags: u32,
+    /// Areas the client may map, as (offset, length) pairs; `None`: all of
+    /// it when there is an fd.
     pub mmap_areas: Option<Vec<(u64, u64)>>,
+    /// The fd backing the region, for the client to map.
     pub fd: Option<RawFd>,
+    /// Offset of the region in `fd`.
     pub offset: u64,
 }
 
@@ -92,7 +122,10 @@ impl RegionSetup {
     }
 
     /// Handles accesses with `f(ctx, buf, offset, is_write)`, which returns
-    /// the number of bytes it handled (anything short is an error).
+    /// the number of bytes it handled (anything short is an error). For a
+    /// read, `f` fills `buf`; for a write, `buf` holds the data. The library
+    /// has checked that `offset + buf.len()` lies inside the region. An error
+    /// goes back to the client as the access's errno.
     pub fn with_callback(
         mut self,
         f: impl Fn(&Context, &mut [u8], u64, bool) -> Result<usize> + 'static,

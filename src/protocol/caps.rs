@@ -103,10 +103,16 @@ pub fn parse_client(json: &[u8]) -> Result<ClientCaps> {
     Ok(caps)
 }
 
+/// Largest `max_dma_maps` we announce: QEMU's client refuses a server that
+/// announces more.
+pub const MAX_ANNOUNCED_DMA_MAPS: usize = 65535;
+
 /// What the server announces back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerCaps {
+    /// Most fds the server accepts in one message.
     pub max_msg_fds: usize,
+    /// Largest data transfer the server accepts in one message.
     pub max_data_xfer_size: usize,
     /// Dirty page size, present when the device supports migration.
     pub migration_pgsize: Option<u64>,
@@ -130,7 +136,13 @@ pub fn format_server(s: &ServerCaps) -> String {
         Value::from(s.max_data_xfer_size as u64),
     );
     c.insert("pgsizes".into(), Value::from(s.pgsizes));
-    c.insert("max_dma_maps".into(), Value::from(s.max_dma_maps as u64));
+    // Only when the device takes DMA at all; QEMU also refuses values above
+    // 65535, so larger limits are announced as 65535 (the device still
+    // accepts up to its own limit).
+    if s.max_dma_maps > 0 {
+        let n = s.max_dma_maps.min(MAX_ANNOUNCED_DMA_MAPS);
+        c.insert("max_dma_maps".into(), Value::from(n as u64));
+    }
     if let Some(p) = s.migration_pgsize {
         let mut m = Map::new();
         m.insert("pgsize".into(), Value::from(p));
@@ -222,6 +234,16 @@ mod tests {
         assert_eq!(c["twin_socket"]["supported"], true);
         assert_eq!(c["twin_socket"]["fd_index"], 0);
         assert_eq!(c["max_dma_maps"], 1000);
+        let big = format_server(&ServerCaps {
+            max_dma_maps: 1_000_000,
+            ..s.clone()
+        });
+        assert!(big.contains("\"max_dma_maps\":65535"), "{big}");
+        let none = format_server(&ServerCaps {
+            max_dma_maps: 0,
+            ..s.clone()
+        });
+        assert!(!none.contains("max_dma_maps"), "{none}");
         let none = format_server(&ServerCaps {
             migration_pgsize: None,
             twin_socket_fd_index: None,

@@ -32,41 +32,68 @@ pub const MAX_ERROR_NO: u32 = 4096;
 
 /// Command numbers.
 pub mod cmd {
+    /// `VFIO_USER_VERSION`: version and capability negotiation.
     pub const VERSION: u16 = 1;
+    /// `VFIO_USER_DMA_MAP`: the client adds a DMA region.
     pub const DMA_MAP: u16 = 2;
+    /// `VFIO_USER_DMA_UNMAP`: the client removes DMA regions.
     pub const DMA_UNMAP: u16 = 3;
+    /// `VFIO_USER_DEVICE_GET_INFO`.
     pub const DEVICE_GET_INFO: u16 = 4;
+    /// `VFIO_USER_DEVICE_GET_REGION_INFO`.
     pub const DEVICE_GET_REGION_INFO: u16 = 5;
+    /// `VFIO_USER_DEVICE_GET_REGION_IO_FDS`: the ioeventfds of a region.
     pub const DEVICE_GET_REGION_IO_FDS: u16 = 6;
+    /// `VFIO_USER_DEVICE_GET_IRQ_INFO`.
     pub const DEVICE_GET_IRQ_INFO: u16 = 7;
+    /// `VFIO_USER_DEVICE_SET_IRQS`: eventfds and masks of interrupts.
     pub const DEVICE_SET_IRQS: u16 = 8;
+    /// `VFIO_USER_REGION_READ`.
     pub const REGION_READ: u16 = 9;
+    /// `VFIO_USER_REGION_WRITE`.
     pub const REGION_WRITE: u16 = 10;
+    /// `VFIO_USER_DMA_READ`: the server reads guest memory through the client.
     pub const DMA_READ: u16 = 11;
+    /// `VFIO_USER_DMA_WRITE`: the server writes guest memory through the client.
     pub const DMA_WRITE: u16 = 12;
+    /// `VFIO_USER_DEVICE_RESET`.
     pub const DEVICE_RESET: u16 = 13;
+    /// `VFIO_USER_REGION_WRITE_MULTI`: several small posted writes in one message.
     pub const REGION_WRITE_MULTI: u16 = 15;
+    /// `VFIO_USER_DEVICE_FEATURE`: migration and dirty-page logging features.
     pub const DEVICE_FEATURE: u16 = 16;
+    /// `VFIO_USER_MIG_DATA_READ`: the client pulls migration data.
     pub const MIG_DATA_READ: u16 = 17;
+    /// `VFIO_USER_MIG_DATA_WRITE`: the client pushes migration data.
     pub const MIG_DATA_WRITE: u16 = 18;
 }
 
 /// Header flag bits.
 pub mod flags {
+    /// Bits holding the message type.
     pub const TYPE_MASK: u32 = 0xf;
+    /// Message type: a command.
     pub const TYPE_COMMAND: u32 = 0x0;
+    /// Message type: a reply.
     pub const TYPE_REPLY: u32 = 0x1;
+    /// The sender wants no reply.
     pub const NO_REPLY: u32 = 0x10;
+    /// The reply reports an error, in `error_no`.
     pub const ERROR: u32 = 0x20;
 }
 
 /// `struct vfio_user_header`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Message id; a reply carries its command's.
     pub msg_id: u16,
+    /// Command number (`cmd::*`).
     pub cmd: u16,
+    /// Size of the whole message, header included.
     pub msg_size: u32,
+    /// `flags::*` bits.
     pub flags: u32,
+    /// The errno of an error reply.
     pub error_no: u32,
 }
 
@@ -128,9 +155,13 @@ impl Header {
 /// Little-endian field access into a byte slice, failing with `EINVAL` rather
 /// than panicking when the slice is too short.
 pub trait Wire {
+    /// The byte at `off`.
     fn u8_at(&self, off: usize) -> Result<u8>;
+    /// The little-endian u16 at `off`.
     fn u16_at(&self, off: usize) -> Result<u16>;
+    /// The little-endian u32 at `off`.
     fn u32_at(&self, off: usize) -> Result<u32>;
+    /// The little-endian u64 at `off`.
     fn u64_at(&self, off: usize) -> Result<u64>;
 }
 
@@ -159,8 +190,11 @@ impl Wire for [u8] {
 
 /// Appends little-endian fields to a reply buffer.
 pub trait WireOut {
+    /// Appends a little-endian u16.
     fn put_u16(&mut self, v: u16);
+    /// Appends a little-endian u32.
     fn put_u32(&mut self, v: u32);
+    /// Appends a little-endian u64.
     fn put_u64(&mut self, v: u64);
 }
 
@@ -185,9 +219,13 @@ pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
 
 /// `struct vfio_region_info` size.
 pub const REGION_INFO_SIZE: usize = 32;
+/// `VFIO_REGION_INFO_FLAG_READ`.
 pub const REGION_INFO_FLAG_READ: u32 = 1 << 0;
+/// `VFIO_REGION_INFO_FLAG_WRITE`.
 pub const REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
+/// `VFIO_REGION_INFO_FLAG_MMAP`: the client may map the region.
 pub const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+/// `VFIO_REGION_INFO_FLAG_CAPS`: capabilities follow the region info.
 pub const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
 /// `VFIO_REGION_INFO_CAP_SPARSE_MMAP`.
 pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
@@ -203,25 +241,39 @@ pub const REGION_ACCESS_SIZE: usize = 16;
 pub const REGION_IO_FDS_SIZE: usize = 16;
 /// Size of one `vfio_user_sub_region_ioeventfd`.
 pub const SUB_REGION_IOEVENTFD_SIZE: usize = 48;
+/// `VFIO_USER_IO_FD_TYPE_IOEVENTFD`.
 pub const IO_FD_TYPE_IOEVENTFD: u32 = 0;
+/// `VFIO_USER_IO_FD_TYPE_IOEVENTFD_SHADOW`.
 pub const IO_FD_TYPE_IOEVENTFD_SHADOW: u32 = 2;
 
 /// `struct vfio_irq_info` size.
 pub const IRQ_INFO_SIZE: usize = 16;
+/// `VFIO_IRQ_INFO_EVENTFD`.
 pub const IRQ_INFO_EVENTFD: u32 = 1 << 0;
+/// `VFIO_IRQ_INFO_MASKABLE`.
 pub const IRQ_INFO_MASKABLE: u32 = 1 << 1;
+/// `VFIO_IRQ_INFO_AUTOMASKED`.
 pub const IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
+/// `VFIO_IRQ_INFO_NORESIZE`.
 pub const IRQ_INFO_NORESIZE: u32 = 1 << 3;
 
 /// `struct vfio_irq_set` size.
 pub const IRQ_SET_SIZE: usize = 20;
+/// `VFIO_IRQ_SET_DATA_NONE`.
 pub const IRQ_SET_DATA_NONE: u32 = 1 << 0;
+/// `VFIO_IRQ_SET_DATA_BOOL`.
 pub const IRQ_SET_DATA_BOOL: u32 = 1 << 1;
+/// `VFIO_IRQ_SET_DATA_EVENTFD`.
 pub const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+/// `VFIO_IRQ_SET_DATA_TYPE_MASK`.
 pub const IRQ_SET_DATA_TYPE_MASK: u32 = 0x7;
+/// `VFIO_IRQ_SET_ACTION_MASK`.
 pub const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
+/// `VFIO_IRQ_SET_ACTION_UNMASK`.
 pub const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
+/// `VFIO_IRQ_SET_ACTION_TRIGGER`.
 pub const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+/// `VFIO_IRQ_SET_ACTION_TYPE_MASK`.
 pub const IRQ_SET_ACTION_TYPE_MASK: u32 = 0x38;
 
 /// `struct vfio_user_dma_region_access` size (without data).
