@@ -78,6 +78,11 @@ struct Vectors {
     shared: Vec<Option<OwnedFd>>,
     err: Option<OwnedFd>,
     req: Option<OwnedFd>,
+    /// Per shared vector: masked by the client (only tracked for maskable
+    /// indexes).
+    masked: Vec<bool>,
+    /// Per shared vector: triggered while masked (the pending bit array).
+    pending: Vec<bool>,
 }
 
 impl Vectors {
@@ -107,6 +112,9 @@ pub struct MaskChange {
 #[derive(Debug)]
 pub struct Irqs {
     counts: [u32; NUM_IRQ_TYPES],
+    /// Indexes whose MASK/UNMASK the library honours (reported as
+    /// `VFIO_IRQ_INFO_MASKABLE`).
+    maskable: [bool; NUM_IRQ_TYPES],
     vectors: Mutex<Vectors>,
 }
 
@@ -122,19 +130,50 @@ fn signal(fd: &OwnedFd) -> Result<()> {
 }
 
 impl Irqs {
-    /// Creates the tables for the given per-index vector counts.
+    /// Creates the tables for the given per-index vector counts; masking is
+    /// left to the device, as upstream does.
     pub fn new(counts: [u32; NUM_IRQ_TYPES]) -> Irqs {
+        Irqs::with_masking(counts, [false; NUM_IRQ_TYPES])
+    }
+
+    /// Like [`Irqs::new`], and for each index with `maskable` set the
+    /// library honours the client's MASK/UNMASK itself: a vector triggered
+    /// while masked is not signalled but marked pending, and is signalled
+    /// when unmasked. Such indexes report `VFIO_IRQ_INFO_MASKABLE`.
+    pub fn with_masking(counts: [u32; NUM_IRQ_TYPES], maskable: [bool; NUM_IRQ_TYPES]) -> Irqs {
         let max = counts.iter().copied().max().unwrap_or(0) as usize;
         let mut shared = Vec::new();
         shared.resize_with(max, || None);
         Irqs {
             counts,
+            maskable,
             vectors: Mutex::new(Vectors {
                 shared,
                 err: None,
                 req: None,
+                masked: vec![false; max],
+                pending: vec![false; max],
             }),
         }
+    }
+
+    /// Whether vector `sub` of the shared table is pending (triggered while
+    /// masked), for a device emulating an MSI-X Pending Bit Array.
+    pub fn is_pending(&self, sub: u32) -> bool {
+        self.lock()
+            .pending
+            .get(sub as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Whether vector `sub` of the shared table is masked by the client.
+    pub fn is_masked(&self, sub: u32) -> bool {
+        self.lock()
+            .masked
+            .get(sub as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vectors> {
@@ -156,10 +195,15 @@ impl Irqs {
     /// `vfu_irq_trigger`: signals vector `sub` of the shared table.
     /// `EINVAL` when out of range, `ENOENT` when the client gave no eventfd.
     pub fn trigger(&self, sub: u32) -> Result<()> {
-        let v = self.lock();
-        match v.shared.get(sub as usize) {
+        let mut v = self.lock();
+        let i = sub as usize;
+        match v.shared.get(i) {
             None => Err(Errno::EINVAL),
             Some(None) => Err(Errno::ENOENT),
+            Some(Some(_)) if v.masked[i] => {
+                v.pending[i] = true;
+                Ok(())
+            }
             Some(Some(fd)) => signal(fd),
         }
     }
@@ -187,6 +231,8 @@ impl Irqs {
         v.shared.iter_mut().for_each(|s| *s = None);
         v.err = None;
         v.req = None;
+        v.masked.iter_mut().for_each(|m| *m = false);
+        v.pending.iter_mut().for_each(|p| *p = false);
     }
 
     /// DEVICE_GET_IRQ_INFO.
@@ -200,7 +246,11 @@ impl Irqs {
         }
         let mut out = Vec::with_capacity(IRQ_INFO_SIZE);
         out.put_u32(IRQ_INFO_SIZE as u32);
-        out.put_u32(IRQ_INFO_EVENTFD);
+        out.put_u32(if self.maskable[index as usize] {
+            IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE
+        } else {
+            IRQ_INFO_EVENTFD
+        });
         out.put_u32(index);
         out.put_u32(self.count(index));
         Ok(out)
@@ -242,6 +292,21 @@ impl Irqs {
             return Err(Errno::EINVAL);
         }
         if action != IRQ_SET_ACTION_TRIGGER {
+            let mask = action == IRQ_SET_ACTION_MASK;
+            if self.maskable[index as usize] && !special {
+                let mut v = self.lock();
+                for i in start as usize..(start as usize + count as usize) {
+                    if let Some(m) = v.masked.get_mut(i) {
+                        *m = mask;
+                    }
+                    if !mask && v.pending.get(i) == Some(&true) {
+                        v.pending[i] = false;
+                        if let Some(Some(fd)) = v.shared.get(i) {
+                            signal(fd)?;
+                        }
+                    }
+                }
+            }
             return Ok(Some(MaskChange {
                 index,
                 start,
@@ -442,6 +507,49 @@ mod tests {
         irqs.trigger_special(ERR).unwrap();
         assert_eq!(read_count(&e2), 1);
         assert_eq!(irqs.trigger_special(REQ), Err(Errno::ENOENT));
+    }
+
+    #[test]
+    fn maskable_vectors_hold_triggers_until_unmasked() {
+        let mut maskable = [false; NUM_IRQ_TYPES];
+        maskable[MSIX as usize] = true;
+        let irqs = Irqs::with_masking([0, 0, 2, 1, 1], maskable);
+        let e = eventfd();
+        let e2 = e.try_clone().unwrap();
+        let p = set(
+            IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD,
+            MSIX,
+            0,
+            1,
+            &[],
+        );
+        irqs.handle_set(&p, &mut vec![e]).unwrap();
+        let mask = set(IRQ_SET_ACTION_MASK | IRQ_SET_DATA_NONE, MSIX, 0, 1, &[]);
+        irqs.handle_set(&mask, &mut vec![]).unwrap();
+        assert!(irqs.is_masked(0));
+        irqs.trigger(0).unwrap();
+        assert_eq!(read_count(&e2), 0, "masked: not signalled");
+        assert!(irqs.is_pending(0));
+        let unmask = set(IRQ_SET_ACTION_UNMASK | IRQ_SET_DATA_NONE, MSIX, 0, 1, &[]);
+        irqs.handle_set(&unmask, &mut vec![]).unwrap();
+        assert_eq!(read_count(&e2), 1, "pending vector delivered on unmask");
+        assert!(!irqs.is_pending(0) && !irqs.is_masked(0));
+        irqs.trigger(0).unwrap();
+        assert_eq!(read_count(&e2), 1);
+        let mut info = Vec::new();
+        info.put_u32(16);
+        info.put_u32(0);
+        info.put_u32(MSIX);
+        info.put_u32(0);
+        let r = irqs.handle_get_info(&info).unwrap();
+        assert_eq!(r[..].u32_at(4), Ok(IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE));
+        info[8] = INTX as u8;
+        let r = irqs.handle_get_info(&info).unwrap();
+        assert_eq!(
+            r[..].u32_at(4),
+            Ok(IRQ_INFO_EVENTFD),
+            "only opted-in indexes"
+        );
     }
 
     #[test]

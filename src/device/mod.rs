@@ -156,6 +156,7 @@ pub struct Context {
     pub(crate) regions: RefCell<Vec<Region>>,
     pci: OnceCell<pci::PciConfig>,
     irq_counts: Cell<[u32; irq::NUM_IRQ_TYPES]>,
+    irq_maskable: Cell<[bool; irq::NUM_IRQ_TYPES]>,
     irqs: OnceLock<Arc<Irqs>>,
     dma: OnceLock<Arc<DmaController>>,
     pub(crate) dma_max_regions: Cell<usize>,
@@ -228,6 +229,7 @@ impl Context {
             regions: RefCell::new(vec![Region::default(); region::NUM_REGIONS]),
             pci: OnceCell::new(),
             irq_counts: Cell::new(counts),
+            irq_maskable: Cell::new([false; irq::NUM_IRQ_TYPES]),
             irqs: OnceLock::new(),
             dma: OnceLock::new(),
             dma_max_regions: Cell::new(0),
@@ -447,6 +449,45 @@ impl Context {
         Ok(())
     }
 
+    /// Makes the library honour the client's MASK/UNMASK of an interrupt
+    /// index (INTx, MSI or MSI-X) itself, beyond upstream libvfio-user: a
+    /// vector triggered while masked is held as pending (see
+    /// [`Irqs::is_pending`], for a Pending Bit Array) and signalled when the
+    /// client unmasks it, and the index reports `VFIO_IRQ_INFO_MASKABLE`.
+    /// Call before [`Context::realize`]; `EBUSY` after.
+    pub fn set_irq_maskable(&self, index: impl Into<u32>, maskable: bool) -> Result<()> {
+        let index = index.into() as usize;
+        if index >= irq::ERR as usize {
+            return Err(Errno::EINVAL);
+        }
+        if self.irqs.get().is_some() {
+            return Err(Errno::EBUSY);
+        }
+        let mut m = self.irq_maskable.get();
+        m[index] = maskable;
+        self.irq_maskable.set(m);
+        Ok(())
+    }
+
+    /// Triggers the error interrupt (`VFIO_PCI_ERR_IRQ_INDEX`), when the
+    /// client gave it an eventfd. Other threads use the [`Irqs`] handle.
+    pub fn irq_trigger_err(&self) -> Result<()> {
+        self.irqs
+            .get()
+            .ok_or(Errno::EINVAL)?
+            .trigger_special(irq::ERR)
+    }
+
+    /// Triggers the device request interrupt (`VFIO_PCI_REQ_IRQ_INDEX`),
+    /// asking the client to release the device. Other threads use the
+    /// [`Irqs`] handle.
+    pub fn irq_trigger_req(&self) -> Result<()> {
+        self.irqs
+            .get()
+            .ok_or(Errno::EINVAL)?
+            .trigger_special(irq::REQ)
+    }
+
     /// Sets the mask-state callback of interrupt `index` (see
     /// [`Context::on_irq_state`]). `EINVAL` for an unknown index.
     pub fn setup_irq_state_cb(&self, index: impl Into<u32>, cb: Option<IrqStateCb>) -> Result<()> {
@@ -553,7 +594,10 @@ impl Context {
                 .collect();
             pci.realize(&bars, counts[irq::INTX as usize] != 0);
         }
-        let _ = self.irqs.set(Arc::new(Irqs::new(counts)));
+        let _ = self.irqs.set(Arc::new(Irqs::with_masking(
+            counts,
+            self.irq_maskable.get(),
+        )));
         self.realized.set(true);
         Ok(())
     }
