@@ -746,6 +746,31 @@ impl DmaController {
 
         let inner = self.table();
         let generation = self.generation.load(Ordering::Acquire);
+        // One tree walk when the range lies in one region (the usual case):
+        // `translate` and the hint below would each walk the tree again.
+        if len > 0 {
+            if let Some(r) = containing(&inner.regions, iova) {
+                if iova.checked_add(len).is_some_and(|e| e <= r.end()) {
+                    if prot & libc::PROT_WRITE != 0 && r.prot & libc::PROT_WRITE == 0 {
+                        return Err(SglError::Errno(Errno::EACCES));
+                    }
+                    let Some(first) = sgl.first_mut() else {
+                        return Err(SglError::NeedMore(1));
+                    };
+                    fill_sg(first, r.iova, r.id, iova, len, prot);
+                    HINT.with(|h| {
+                        h.set(Hint {
+                            generation,
+                            start: r.iova,
+                            len: r.len,
+                            id: r.id,
+                            prot: r.prot,
+                        })
+                    });
+                    return Ok(1);
+                }
+            }
+        }
         let count = translate(&inner.regions, iova, len, sgl, prot)?;
         if count > 0 {
             if let Some(r) = containing(&inner.regions, iova) {

@@ -129,6 +129,21 @@ fn signal(fd: &OwnedFd) -> Result<()> {
     }
 }
 
+/// Whether a client's fd may serve as an interrupt eventfd. Sockets and
+/// pipes are refused: signalling one whose other end is closed raises
+/// SIGPIPE, which kills the server process unless it ignores the signal
+/// (upstream installs any fd and has that problem). The kernel's VFIO only
+/// takes eventfds here, so nothing a real client sends is refused.
+fn signalable(fd: &OwnedFd) -> bool {
+    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    !matches!(st.st_mode & libc::S_IFMT, libc::S_IFSOCK | libc::S_IFIFO)
+}
+
 impl Irqs {
     /// Creates the tables for the given per-index vector counts; masking is
     /// left to the device, as upstream does.
@@ -288,7 +303,7 @@ impl Irqs {
             && !(count == 0 && (action != IRQ_SET_ACTION_TRIGGER || dtype != IRQ_SET_DATA_NONE))
             && (fds.is_empty() || dtype == IRQ_SET_DATA_EVENTFD)
             && (fds.is_empty() || fds.len() == count as usize);
-        if !valid {
+        if !valid || fds.iter().any(|fd| !signalable(fd)) {
             return Err(Errno::EINVAL);
         }
         if action != IRQ_SET_ACTION_TRIGGER {
@@ -479,6 +494,34 @@ mod tests {
             irqs.handle_set(&p, &mut vec![eventfd()]),
             Err(Errno::EINVAL)
         );
+    }
+
+    #[test]
+    fn sockets_and_pipes_are_refused_as_eventfds() {
+        // Regression (found by the session fuzzer): a socket whose peer is
+        // gone, installed as an interrupt eventfd, killed the process with
+        // SIGPIPE when the device triggered the interrupt.
+        let irqs = Irqs::new([0, 0, 2, 1, 1]);
+        let t = IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD;
+        let (sock, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(peer);
+        let mut p = [0; 2];
+        // SAFETY: p has room for the two fds.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds we own.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        drop(rd);
+        for bad in [OwnedFd::from(sock), wr] {
+            let mut fds = vec![eventfd(), bad];
+            let r = irqs.handle_set(&set(t, MSIX, 0, 2, &[]), &mut fds);
+            assert_eq!(r, Err(Errno::EINVAL));
+            // Nothing was installed and the fds stay the caller's.
+            assert_eq!(fds.len(), 2);
+            assert!(!irqs.has_eventfd(MSIX, 0));
+        }
+        let r = irqs.handle_set(&set(t, ERR, 0, 1, &[]), &mut vec![eventfd()]);
+        assert_eq!(r, Ok(None));
+        assert!(irqs.has_eventfd(ERR, 0));
     }
 
     #[test]

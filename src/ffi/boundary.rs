@@ -137,4 +137,127 @@ mod tests {
         assert_eq!(r, -1);
         assert_eq!(errno(), libc::ENOENT);
     }
+
+    mod through_the_c_abi {
+        //! A device callback that panics while the context runs inside a
+        //! real C entry point (`vfu_run_ctx`): the panic must come out as
+        //! -1/EIO, not abort the process, and the context must go on
+        //! serving the client.
+
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        use std::rc::Rc;
+
+        use super::super::super::{vfu_attach_ctx, vfu_ctx, vfu_destroy_ctx, vfu_run_ctx};
+        use super::*;
+        use crate::device::{region, Context, DmaInfo, RegionSetup};
+        use crate::protocol::{cmd, flags, Header, HEADER_SIZE};
+
+        fn send(s: &mut UnixStream, id: u16, command: u16, body: &[u8]) {
+            let h = Header {
+                msg_id: id,
+                cmd: command,
+                msg_size: (HEADER_SIZE + body.len()) as u32,
+                flags: flags::TYPE_COMMAND,
+                error_no: 0,
+            };
+            s.write_all(&h.encode()).unwrap();
+            s.write_all(body).unwrap();
+        }
+
+        fn recv(s: &mut UnixStream) -> (Header, Vec<u8>) {
+            let mut h = [0u8; HEADER_SIZE];
+            s.read_exact(&mut h).unwrap();
+            let h = Header::decode(&h);
+            let mut b = vec![0u8; h.msg_size as usize - HEADER_SIZE];
+            s.read_exact(&mut b).unwrap();
+            (h, b)
+        }
+
+        #[test]
+        fn a_panicking_callback_does_not_cross_vfu_run_ctx() {
+            let path =
+                std::env::temp_dir().join(format!("vfu-ffi-panic-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let ctx = Context::create(&path, true).unwrap();
+            ctx.setup_region(
+                region::BAR0,
+                RegionSetup {
+                    size: 0x100,
+                    cb: Some(Rc::new(|_c: &Context, b: &mut [u8], off: u64, w: bool| {
+                        if w && off == 0x10 {
+                            panic!("device bug in a region callback");
+                        }
+                        b.fill(0x11);
+                        Ok(b.len())
+                    })),
+                    flags: region::FLAG_RW | region::FLAG_MEM,
+                    mmap_areas: None,
+                    fd: None,
+                    offset: 0,
+                },
+            )
+            .unwrap();
+            ctx.setup_dma(
+                4,
+                Some(Rc::new(|_c: &Context, _i: &DmaInfo| {
+                    panic!("device bug in a DMA callback")
+                })),
+                None,
+            )
+            .unwrap();
+            ctx.realize().unwrap();
+            let h = into_handle::<vfu_ctx>(Box::new(ctx));
+
+            // One thread plays both sides: the client's bytes are queued on
+            // the socket before each C call reads them.
+            let mut c = UnixStream::connect(&path).unwrap();
+            let mut v = vec![0, 0, 2, 0];
+            v.extend_from_slice(b"{}\0");
+            send(&mut c, 1, cmd::VERSION, &v);
+            assert_eq!(vfu_attach_ctx(h), 0);
+            assert_eq!(recv(&mut c).0.error_no, 0);
+
+            // A write reaching the panicking callback.
+            let mut w = Vec::new();
+            w.extend_from_slice(&0x10u64.to_le_bytes());
+            w.extend_from_slice(&0u32.to_le_bytes());
+            w.extend_from_slice(&4u32.to_le_bytes());
+            w.extend_from_slice(&[1, 2, 3, 4]);
+            send(&mut c, 2, cmd::REGION_WRITE, &w);
+            set_errno(0);
+            assert_eq!(vfu_run_ctx(h), -1);
+            assert_eq!(errno(), libc::EIO);
+
+            // A DMA map whose register callback panics.
+            let mut m = Vec::new();
+            m.extend_from_slice(&32u32.to_le_bytes());
+            m.extend_from_slice(&3u32.to_le_bytes());
+            m.extend_from_slice(&0u64.to_le_bytes());
+            m.extend_from_slice(&0x1000u64.to_le_bytes());
+            m.extend_from_slice(&0x1000u64.to_le_bytes());
+            send(&mut c, 3, cmd::DMA_MAP, &m);
+            set_errno(0);
+            assert_eq!(vfu_run_ctx(h), -1);
+            assert_eq!(errno(), libc::EIO);
+
+            // The context still serves: the next requests are answered (the
+            // panicked ones never were).
+            let mut r = Vec::new();
+            r.extend_from_slice(&0u64.to_le_bytes());
+            r.extend_from_slice(&0u32.to_le_bytes());
+            r.extend_from_slice(&4u32.to_le_bytes());
+            send(&mut c, 4, cmd::REGION_READ, &r);
+            assert_eq!(vfu_run_ctx(h), 1);
+            let (rh, rb) = recv(&mut c);
+            assert_eq!((rh.msg_id, rh.error_no), (4, 0));
+            assert_eq!(&rb[16..], &[0x11; 4]);
+            drop(c);
+            set_errno(0);
+            assert_eq!(vfu_run_ctx(h), -1);
+            assert_eq!(errno(), libc::ENOTCONN);
+            vfu_destroy_ctx(h);
+            assert!(!path.exists());
+        }
+    }
 }
