@@ -268,6 +268,15 @@ impl Region {
         self.iova + self.len
     }
 
+    /// The local address for translation hints: the mapping when mmap'ed.
+    fn hint_vaddr(&self) -> usize {
+        if self.mode == AccessMode::Mmap {
+            self.vaddr
+        } else {
+            0
+        }
+    }
+
     fn info(&self) -> DmaInfo {
         let (map_base, map_len) = match &self.mapping {
             Some(m) => (m.base, m.len),
@@ -412,16 +421,18 @@ struct Hint {
     len: u64,
     id: usize,
     prot: i32,
+    /// Local address of the region when it is mmap'ed, else 0.
+    vaddr: usize,
 }
 
 thread_local! {
     static HINT: Cell<Hint> = const {
-        Cell::new(Hint { generation: 0, start: 0, len: 0, id: 0, prot: 0 })
+        Cell::new(Hint { generation: 0, start: 0, len: 0, id: 0, prot: 0, vaddr: 0 })
     };
 }
 
 struct Inner {
-    regions: BTreeMap<u64, Region>,
+    regions: BTreeMap<u64, Box<Region>>,
     /// Logging page size, 0 when not logging.
     dirty_page_size: u64,
 }
@@ -453,17 +464,17 @@ impl fmt::Debug for DmaController {
 }
 
 /// Finds the region whose range contains `addr`.
-fn containing(regions: &BTreeMap<u64, Region>, addr: u64) -> Option<&Region> {
+fn containing(regions: &BTreeMap<u64, Box<Region>>, addr: u64) -> Option<&Region> {
     regions
         .range(..=addr)
         .next_back()
-        .map(|(_, r)| r)
+        .map(|(_, r)| &**r)
         .filter(|r| addr < r.end())
 }
 
 /// Resolves a scatter/gather entry to its region, rejecting entries that do
 /// not name a live region or that reach outside it.
-fn resolve<'a>(regions: &'a BTreeMap<u64, Region>, sg: &DmaSg) -> Result<&'a Region> {
+fn resolve<'a>(regions: &'a BTreeMap<u64, Box<Region>>, sg: &DmaSg) -> Result<&'a Region> {
     if sg.region == 0 {
         return Err(Errno::EINVAL);
     }
@@ -648,7 +659,7 @@ impl DmaController {
             dirty,
         };
         let info = region.info();
-        inner.regions.insert(iova, region);
+        inner.regions.insert(iova, Box::new(region));
         self.bump_generation();
         Ok(info)
     }
@@ -663,13 +674,13 @@ impl DmaController {
             .regions
             .get(&iova)
             .filter(|r| r.len == len)
-            .map(Region::info)
+            .map(|r| r.info())
             .ok_or(Errno::ENOENT)
     }
 
     /// The region with the lowest IOVA, if any.
     pub fn first_region(&self) -> Option<DmaInfo> {
-        self.table().regions.values().next().map(Region::info)
+        self.table().regions.values().next().map(|r| r.info())
     }
 
     /// Removes the region that starts exactly at `iova` and is exactly `len`
@@ -765,6 +776,7 @@ impl DmaController {
                             len: r.len,
                             id: r.id,
                             prot: r.prot,
+                            vaddr: r.hint_vaddr(),
                         })
                     });
                     return Ok(1);
@@ -781,6 +793,7 @@ impl DmaController {
                         len: r.len,
                         id: r.id,
                         prot: r.prot,
+                        vaddr: r.hint_vaddr(),
                     })
                 });
             }
@@ -899,6 +912,28 @@ impl DmaController {
     pub fn sg_read(&self, sg: &DmaSg, buf: &mut [u8], direct: bool) -> Result<bool> {
         let n = self.check_buf(sg, buf.len())?;
         let inner = self.table();
+        if direct {
+            // The usual case: the entry was just made by this thread's
+            // addr_to_sgl, whose hint still describes its mapped region.
+            if let Some(h) = self.current_hint(sg) {
+                let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
+                if end > h.len {
+                    return Err(Errno::EINVAL);
+                }
+                if h.prot & libc::PROT_READ == 0 || (sg.writeable && h.prot & libc::PROT_WRITE == 0)
+                {
+                    return Err(Errno::EACCES);
+                }
+                let src = (h.vaddr + sg.offset as usize) as *const u8;
+                // SAFETY: the hint is current (same table generation, and the
+                // table cannot change while we hold its read lock), so the
+                // region is mapped readable at `h.vaddr` for `h.len` bytes and
+                // the range was checked against it above.
+                unsafe { std::ptr::copy(src, buf.as_mut_ptr(), n) };
+                drop(inner);
+                return Ok(true);
+            }
+        }
         let region = resolve(&inner.regions, sg)?;
         if !direct {
             return Ok(false);
@@ -965,6 +1000,19 @@ impl DmaController {
                 Ok(true)
             }
         }
+    }
+
+    /// This thread's translation hint, when it is current and names the
+    /// mapped region of `sg`. Call with the table lock held.
+    fn current_hint(&self, sg: &DmaSg) -> Option<Hint> {
+        let h = HINT.with(Cell::get);
+        (h.generation != 0
+            && h.vaddr != 0
+            && sg.region != 0
+            && h.id == sg.region
+            && h.start == sg.dma_addr as usize as u64
+            && h.generation == self.generation.load(Ordering::Acquire))
+        .then_some(h)
     }
 
     fn check_buf(&self, sg: &DmaSg, buf_len: usize) -> Result<usize> {
@@ -1243,7 +1291,7 @@ impl DmaController {
 /// writes concurrently may read back torn, as with any memory shared with a
 /// guest.
 pub struct GuestSlice<'a> {
-    regions: &'a BTreeMap<u64, Region>,
+    regions: &'a BTreeMap<u64, Box<Region>>,
     iova: u64,
     len: usize,
     prot: i32,
@@ -1364,7 +1412,7 @@ impl GuestSlice<'_> {
 /// Walks the regions covering `[iova, iova + len)`, filling `sgl` as far as
 /// it goes, and returns the number of entries the whole range needs.
 fn translate(
-    regions: &BTreeMap<u64, Region>,
+    regions: &BTreeMap<u64, Box<Region>>,
     iova: u64,
     len: u64,
     sgl: &mut [DmaSg],
