@@ -452,43 +452,10 @@ impl Conn {
             return self.recv_header_ahead(nonblocking);
         }
         let mut buf = [0u8; HEADER_SIZE];
-        let mut cbuf = self.cmsg.borrow_mut();
-        if cbuf.len() < CMSG_BUF_LEN / 8 {
-            cbuf.resize(CMSG_BUF_LEN / 8, 0);
-        }
-        let mut fds = Vec::new();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: HEADER_SIZE,
-        };
-        // SAFETY: msghdr is plain old data; zero is a valid starting value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = CMSG_BUF_LEN as _;
-        let mut flags = libc::MSG_CMSG_CLOEXEC;
-        if nonblocking {
-            flags |= libc::MSG_DONTWAIT;
-        }
-        let n = loop {
-            // SAFETY: msg points at live buffers of the stated sizes.
-            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, flags) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = Errno::last();
-            match self.recv_timed_out(e, nonblocking, true) {
-                Some(e) => return Err(e),
-                None => continue,
-            }
-        };
-        // SAFETY: msg was just filled in by recvmsg.
-        let fd_res = unsafe { take_fds(&msg, &mut fds) };
+        let (n, fds, fds_bad) = self.recvmsg_once(&mut buf, nonblocking, true)?;
         if n == 0 {
             return Err(Errno(libc::ENOMSG));
         }
-        let fds_bad = msg.msg_flags & libc::MSG_CTRUNC != 0 || fd_res.is_err();
         if n < HEADER_SIZE {
             self.recv_exact(&mut buf[n..]).map_err(|e| {
                 if e.0 == libc::ENOMSG {
