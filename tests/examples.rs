@@ -18,46 +18,26 @@ mod migdev;
 mod null;
 
 use std::fs::{self, File};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vfio_user::client::{Client, GuestMemory};
-use vfio_user::device::dma_msg::{DMA_REGION_READ, DMA_REGION_WRITE};
 use vfio_user::device::log_level;
 use vfio_user::device::migration::*;
-use vfio_user::device::region;
 use vfio_user::Errno;
 
-use migdev::{
-    REC_LEN, REG_CHECKSUM, REG_COUNTER, REG_CTRL, REG_DMA_ADDR_HI, REG_DMA_ADDR_LO, REG_DMA_LEN,
-    REG_MAGIC, REG_SCRATCH, REG_STATE, REG_VERSION,
-};
-
-const CFG: u32 = region::CFG as u32;
-const BAR0: u32 = region::BAR0 as u32;
-const BAR2: u32 = region::BAR2 as u32;
-const RW: u32 = DMA_REGION_READ | DMA_REGION_WRITE;
-const PAGE: usize = 4096;
+mod migdev_support;
+use migdev_support::*;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 fn sock_path(tag: &str) -> PathBuf {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     std::env::temp_dir().join(format!("vfu-ex-{tag}-{}-{n}.sock", std::process::id()))
-}
-
-/// Polls `f` every 5 ms until it returns true (10 s at most).
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 // ---- in-process devices --------------------------------------------------------------
@@ -162,64 +142,6 @@ fn start_migdev() -> Server {
 }
 
 // ---- register helpers ------------------------------------------------------------------
-
-fn rd32(c: &mut Client, idx: u32, off: u64) -> u32 {
-    let b = c.region_read(idx, off, 4).expect("register read");
-    u32::from_le_bytes(b.try_into().unwrap())
-}
-
-fn reg(c: &mut Client, off: u64) -> u32 {
-    rd32(c, BAR0, off)
-}
-
-fn set_reg(c: &mut Client, off: u64, v: u32) {
-    c.region_write(BAR0, off, &v.to_le_bytes())
-        .expect("register write")
-}
-
-fn sum_words(b: &[u8]) -> u32 {
-    b.chunks_exact(4)
-        .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
-        .fold(0u32, u32::wrapping_add)
-}
-
-fn page_pattern(counter: u32) -> Vec<u8> {
-    (0..(PAGE / 4) as u32)
-        .flat_map(|i| {
-            counter
-                .wrapping_mul(migdev::PATTERN_MUL)
-                .wrapping_add(i)
-                .to_le_bytes()
-        })
-        .collect()
-}
-
-/// Checks that each page of the buffer holds what migdev last wrote there,
-/// given that it has counted to `counter` (and wrote every page since the
-/// buffer was zero).
-fn check_pages(buf: &[u8], counter: u32) {
-    let n = (buf.len() / PAGE) as u32;
-    assert!(counter >= n, "every page written");
-    for p in 0..n {
-        let k = counter - (counter - p) % n;
-        let got = &buf[p as usize * PAGE..(p as usize + 1) * PAGE];
-        assert!(got == &page_pattern(k)[..], "page {p} should hold tick {k}");
-    }
-}
-
-/// Programs migdev's DMA buffer and enables the writer.
-fn program(c: &mut Client, addr: u64, len: u32) {
-    set_reg(c, REG_DMA_ADDR_LO, addr as u32);
-    set_reg(c, REG_DMA_ADDR_HI, (addr >> 32) as u32);
-    set_reg(c, REG_DMA_LEN, len);
-    set_reg(c, REG_CTRL, 1);
-}
-
-fn is_set(bitmap: &[u8], page: usize) -> bool {
-    bitmap
-        .get(page / 8)
-        .is_some_and(|b| b & (1 << (page % 8)) != 0)
-}
 
 // ---- null and gpio -----------------------------------------------------------------------
 
@@ -675,25 +597,6 @@ fn guest_memory_from_other_threads() {
 
 // ---- C devices -----------------------------------------------------------------------
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Where the C samples are, built as `tests/samples_devices.rs` builds them
 /// (an install tree of this run's library, then `build.sh`), or `None` with
 /// the reason printed.
@@ -709,51 +612,7 @@ fn c_samples() -> Option<&'static Path> {
 }
 
 fn build_c_samples() -> Result<PathBuf, String> {
-    for tool in ["cc", "pkg-config", "make"] {
-        if !have(tool) {
-            return Err(format!("{tool} not found; C interoperability not tested"));
-        }
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary in <target>/<profile>/deps");
-    let so = profile.join("libvfio_user.so");
-    let a = profile.join("libvfio_user.a");
-    if !so.exists() || !a.exists() {
-        return Err(format!("{} not built", so.display()));
-    }
-    // A work directory of our own, locked while this process lives.
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("samples-examples");
-    fs::create_dir_all(&work).expect("create work dir");
-    let lock = File::create(work.join("lock")).expect("lock file");
-    // SAFETY: flock on an fd we own; the lock lasts as long as the fd.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!("flock: {}", std::io::Error::last_os_error());
-    }
-    std::mem::forget(OwnedFd::from(lock));
-    let prefix = work.join("prefix");
-    let bin = work.join("bin");
-    let _ = fs::remove_dir_all(&prefix);
-    let _ = fs::remove_dir_all(&bin);
-    run(Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(src)
-        .arg("install")
-        .arg("NO_BUILD=1")
-        .arg(format!("PREFIX={}", prefix.display()))
-        .arg(format!("LIB_SO={}", so.display()))
-        .arg(format!("LIB_A={}", a.display()))
-        .arg(format!("VFUCTL={}", work.join("no-vfuctl").display())));
-    run(Command::new("bash")
-        .arg(src.join("c-tests/samples/build.sh"))
-        .arg(&prefix)
-        .arg(&bin)
-        .env("CFLAGS", ""));
-    Ok(bin)
+    migdev_support::build_c_samples("samples-examples")
 }
 
 /// A C migdev process, its stderr in a file.

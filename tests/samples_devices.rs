@@ -14,7 +14,6 @@
 //! when a test fails.
 
 use std::fs::{self, File};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,31 +21,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vfio_user::client::{Client, GuestMemory};
-use vfio_user::device::dma_msg::{DMA_REGION_READ, DMA_REGION_WRITE};
 use vfio_user::device::migration::*;
-use vfio_user::device::region;
 use vfio_user::Errno;
 
-const CFG: u32 = region::CFG as u32;
-const BAR0: u32 = region::BAR0 as u32;
-const BAR2: u32 = 2;
-const RW: u32 = DMA_REGION_READ | DMA_REGION_WRITE;
-const PAGE: usize = 4096;
+mod migdev_support;
+use migdev_support::*;
 
 // migdev's registers (c-tests/samples/README.md).
-const REG_MAGIC: u64 = 0x00;
-const REG_VERSION: u64 = 0x04;
-const REG_COUNTER: u64 = 0x08;
-const REG_CTRL: u64 = 0x0c;
-const REG_SCRATCH: u64 = 0x10;
-const REG_DMA_ADDR_LO: u64 = 0x50;
-const REG_DMA_ADDR_HI: u64 = 0x54;
-const REG_DMA_LEN: u64 = 0x58;
-const REG_STATE: u64 = 0x5c;
-const REG_CHECKSUM: u64 = 0x60;
-const MIGDEV_MAGIC: u32 = 0x4d49_4744;
-const PATTERN_MUL: u32 = 2_654_435_761;
-const REC_LEN: usize = 116;
 
 // ---- building -----------------------------------------------------------------
 
@@ -62,107 +43,11 @@ fn samples() -> Option<&'static Path> {
     }
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Installs the library into a scratch prefix and builds the samples with
-/// `build.sh`. The work directory is fixed and locked for the rest of this
-/// process, so that concurrent runs take turns instead of overwriting each
-/// other's programs.
 fn build_samples() -> Result<PathBuf, String> {
-    for tool in ["cc", "pkg-config", "make"] {
-        if !have(tool) {
-            return Err(format!("{tool} not found; the C samples are not tested"));
-        }
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // The library of this test run lives next to the deps/ directory that
-    // holds this test binary.
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary in <target>/<profile>/deps");
-    let so = profile.join("libvfio_user.so");
-    let a = profile.join("libvfio_user.a");
-    if !so.exists() || !a.exists() {
-        return Err(format!(
-            "{} not built (run `cargo build` first; `make check` does)",
-            so.display()
-        ));
-    }
-
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("samples");
-    fs::create_dir_all(&work).expect("create work dir");
-    let lock = File::create(work.join("lock")).expect("lock file");
-    // SAFETY: flock on an fd we own; the lock lasts as long as the fd.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!("flock: {}", std::io::Error::last_os_error());
-    }
-    // Held until the process exits.
-    std::mem::forget(OwnedFd::from(lock));
-
-    let prefix = work.join("prefix");
-    let bin = work.join("bin");
-    let _ = fs::remove_dir_all(&prefix);
-    let _ = fs::remove_dir_all(&bin);
-    run(Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(src)
-        .arg("install")
-        .arg("NO_BUILD=1")
-        .arg(format!("PREFIX={}", prefix.display()))
-        .arg(format!("LIB_SO={}", so.display()))
-        .arg(format!("LIB_A={}", a.display()))
-        // No vfuctl: the samples do not need it.
-        .arg(format!("VFUCTL={}", work.join("no-vfuctl").display())));
-    // Extra C flags for the samples (say, sanitizers) come from
-    // VFU_SAMPLES_CFLAGS: a CFLAGS in the environment would reach the
-    // crate's own build script as well.
-    let mut build = Command::new("bash");
-    build
-        .arg(src.join("c-tests/samples/build.sh"))
-        .arg(&prefix)
-        .arg(&bin)
-        .env(
-            "CFLAGS",
-            std::env::var("VFU_SAMPLES_CFLAGS").unwrap_or_default(),
-        );
-    run(&mut build);
-    Ok(bin)
+    build_c_samples("samples")
 }
 
 // ---- device processes ------------------------------------------------------------
-
-fn valgrind() -> bool {
-    std::env::var_os("VFU_SAMPLES_VALGRIND").is_some_and(|v| v != "0")
-}
-
-/// How much longer everything takes under valgrind.
-fn slow() -> u32 {
-    if valgrind() {
-        20
-    } else {
-        1
-    }
-}
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -289,77 +174,6 @@ impl Drop for Device {
 }
 
 // ---- helpers ---------------------------------------------------------------------
-
-fn rd32(c: &mut Client, idx: u32, off: u64) -> u32 {
-    let b = c.region_read(idx, off, 4).expect("register read");
-    u32::from_le_bytes(b.try_into().unwrap())
-}
-
-fn wr32(c: &mut Client, idx: u32, off: u64, v: u32) {
-    c.region_write(idx, off, &v.to_le_bytes())
-        .expect("register write");
-}
-
-fn reg(c: &mut Client, off: u64) -> u32 {
-    rd32(c, BAR0, off)
-}
-
-fn set_reg(c: &mut Client, off: u64, v: u32) {
-    wr32(c, BAR0, off, v)
-}
-
-fn sum_words(b: &[u8]) -> u32 {
-    b.chunks_exact(4)
-        .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
-        .fold(0u32, u32::wrapping_add)
-}
-
-fn page_pattern(counter: u32) -> Vec<u8> {
-    (0..(PAGE / 4) as u32)
-        .flat_map(|i| {
-            counter
-                .wrapping_mul(PATTERN_MUL)
-                .wrapping_add(i)
-                .to_le_bytes()
-        })
-        .collect()
-}
-
-/// Polls `f` every 5 ms until it returns true (10 s, longer under valgrind).
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10) * slow();
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Checks that each page of the buffer holds what migdev last wrote there,
-/// given that it has counted to `counter` (and that every page was written
-/// since the buffer was zero).
-fn check_pages(buf: &[u8], counter: u32) {
-    let n = (buf.len() / PAGE) as u32;
-    assert!(counter >= n, "every page written");
-    for p in 0..n {
-        let k = counter - (counter - p) % n;
-        let got = &buf[p as usize * PAGE..(p as usize + 1) * PAGE];
-        assert!(got == &page_pattern(k)[..], "page {p} should hold tick {k}");
-    }
-}
-
-/// Programs migdev's DMA buffer and enables the writer.
-fn program(c: &mut Client, addr: u64, len: u32) {
-    set_reg(c, REG_DMA_ADDR_LO, addr as u32);
-    set_reg(c, REG_DMA_ADDR_HI, (addr >> 32) as u32);
-    set_reg(c, REG_DMA_LEN, len);
-    set_reg(c, REG_CTRL, 1);
-}
-
-fn is_set(bitmap: &[u8], page: usize) -> bool {
-    bitmap
-        .get(page / 8)
-        .is_some_and(|b| b & (1 << (page % 8)) != 0)
-}
 
 // ---- nulldev -----------------------------------------------------------------------
 
