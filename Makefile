@@ -189,7 +189,7 @@ clean:
 CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
 
 .PHONY: check check-rust check-c
-check: check-rust check-c
+check: check-rust check-c soak
 	@echo "make check: all checks passed"
 
 check-rust:
@@ -213,3 +213,10 @@ check-c: build
 .PHONY: demo
 demo:
 	bash '$(SRCDIR)/scripts/demo.sh'
+
+# A million mixed requests with memory and fds flat (tests/soak.rs), in
+# release because a debug build is slow at it.
+.PHONY: soak
+soak:
+	$(CARGO) test --release --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)' \
+		--test soak -- --ignored --nocapture
