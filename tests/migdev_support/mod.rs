@@ -9,10 +9,12 @@ use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vfio_user::client::Client;
+use vfio_user::client::{Client, GuestMemory};
 use vfio_user::device::dma_msg::{DMA_REGION_READ, DMA_REGION_WRITE};
+use vfio_user::device::migration::*;
 use vfio_user::device::region;
 
 pub const CFG: u32 = region::CFG as u32;
@@ -203,4 +205,129 @@ pub fn build_c_samples(work: &str) -> Result<PathBuf, String> {
             std::env::var("VFU_SAMPLES_CFLAGS").unwrap_or_default(),
         ));
     Ok(bin)
+}
+
+/// Live-migrates migdev from the device behind `cs` into the one behind
+/// `cd`, as a VMM would: 1 MiB of guest memory on each side, the source's
+/// DMA writer running through pre-copy (all memory copied, then the pages
+/// logged dirty), STOP_COPY, the records written to the destination in
+/// pieces that split them, and checks of every register on both sides and
+/// of the destination carrying on from the source's counter.
+/// `source_gone` / `destination_gone` run after each client is dropped.
+pub fn live_migrate(
+    mut cs: Client,
+    mut cd: Client,
+    source_gone: impl FnOnce(),
+    destination_gone: impl FnOnce(),
+) {
+    const IOVA: u64 = 0x8000_0000;
+    const MEM: usize = 0x10_0000;
+    const BUF_OFF: u64 = 0x1_0000;
+    const BUF_LEN: u32 = 0x4_0000; // 64 pages
+    let buf_range = BUF_OFF as usize..BUF_OFF as usize + BUF_LEN as usize;
+
+    let mem1 = Arc::new(GuestMemory::new(MEM).unwrap());
+    let mem2 = Arc::new(GuestMemory::new(MEM).unwrap());
+    cs.dma_map_memory(IOVA, &mem1, true, RW).unwrap();
+    // The destination's memory is mapped before it resumes (DMA_MAP is not
+    // accepted while a device is stopped).
+    cd.dma_map_memory(IOVA, &mem2, true, RW).unwrap();
+
+    let scratch: Vec<u32> = (0..16).map(|i| 0xc0de_0000 | i).collect();
+    for (i, v) in scratch.iter().enumerate() {
+        set_reg(&mut cs, REG_SCRATCH + 4 * i as u64, *v);
+    }
+    program(&mut cs, IOVA + BUF_OFF, BUF_LEN);
+    wait_until("100 ticks", || reg(&mut cs, REG_COUNTER) >= 100);
+
+    // Pre-copy: log dirty pages, snapshot the device, copy all memory while
+    // the device keeps running.
+    cs.dma_logging_start(PAGE as u64, &[(IOVA, MEM as u64)])
+        .unwrap();
+    cs.set_mig_state(VFIO_USER_DEVICE_STATE_PRE_COPY).unwrap();
+    assert_eq!(reg(&mut cs, REG_STATE), VFU_MIGR_STATE_PRE_COPY);
+    let c0 = reg(&mut cs, REG_COUNTER);
+    let mut stream = cs.mig_data_read_all(64).unwrap();
+    assert_eq!(stream.len(), REC_LEN, "one pre-copy record");
+    assert!(cs.mig_data_read(4096).unwrap().is_empty(), "then no more");
+    mem2.write(0, &mem1.read_vec(0, MEM).unwrap()).unwrap();
+    wait_until("ticks in pre-copy", || reg(&mut cs, REG_COUNTER) >= c0 + 20);
+
+    // Stop-and-copy: the final record, then the pages dirtied meanwhile.
+    cs.set_mig_state(VFIO_USER_DEVICE_STATE_STOP_COPY).unwrap();
+    let fin = cs.mig_data_read_all(4096).unwrap();
+    assert_eq!(fin.len(), REC_LEN, "one final record");
+    stream.extend_from_slice(&fin);
+    let bitmap = cs
+        .dma_logging_report(IOVA, MEM as u64, PAGE as u64)
+        .unwrap();
+    let a = mem1.read_vec(0, MEM).unwrap();
+    let b = mem2.read_vec(0, MEM).unwrap();
+    let mut dirty = 0;
+    for p in 0..MEM / PAGE {
+        let differs = a[p * PAGE..(p + 1) * PAGE] != b[p * PAGE..(p + 1) * PAGE];
+        assert!(
+            !differs || is_set(&bitmap, p),
+            "page {p} changed but is not dirty"
+        );
+        if is_set(&bitmap, p) {
+            assert!(
+                buf_range.contains(&(p * PAGE)),
+                "page {p} outside the buffer is dirty"
+            );
+            mem2.write((p * PAGE) as u64, &a[p * PAGE..(p + 1) * PAGE])
+                .unwrap();
+            dirty += 1;
+        }
+    }
+    assert!(dirty > 0, "the device dirtied pages during pre-copy");
+    assert_eq!(mem2.read_vec(0, MEM).unwrap(), a, "guest memory migrated");
+    cs.dma_logging_stop().unwrap();
+
+    // The source's final registers (readable again once STOPped).
+    cs.set_mig_state(VFIO_USER_DEVICE_STATE_STOP).unwrap();
+    let counter = reg(&mut cs, REG_COUNTER);
+    let checksum = reg(&mut cs, REG_CHECKSUM);
+    assert!(counter >= c0 + 20);
+    assert_eq!(checksum, sum_words(&a[buf_range.clone()]));
+    assert_eq!(reg(&mut cs, REG_STATE), VFU_MIGR_STATE_STOP);
+    drop(cs);
+    source_gone();
+
+    // Resume on the destination.
+    cd.set_mig_state(VFIO_USER_DEVICE_STATE_RESUMING).unwrap();
+    assert_eq!(reg(&mut cd, REG_STATE), VFU_MIGR_STATE_RESUME);
+    for part in stream.chunks(50) {
+        cd.mig_data_write(part).unwrap();
+    }
+    cd.set_mig_state(VFIO_USER_DEVICE_STATE_STOP).unwrap();
+    assert_eq!(reg(&mut cd, REG_STATE), VFU_MIGR_STATE_STOP);
+    assert_eq!(reg(&mut cd, REG_COUNTER), counter);
+    assert_eq!(reg(&mut cd, REG_CHECKSUM), checksum);
+    assert_eq!(reg(&mut cd, REG_CTRL), 1);
+    assert_eq!(reg(&mut cd, REG_DMA_LEN), BUF_LEN);
+    assert_eq!(reg(&mut cd, REG_DMA_ADDR_LO), (IOVA + BUF_OFF) as u32);
+    assert_eq!(
+        reg(&mut cd, REG_DMA_ADDR_HI),
+        ((IOVA + BUF_OFF) >> 32) as u32
+    );
+    for (i, v) in scratch.iter().enumerate() {
+        assert_eq!(reg(&mut cd, REG_SCRATCH + 4 * i as u64), *v);
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(reg(&mut cd, REG_COUNTER), counter, "no ticks while stopped");
+
+    // Running again: the destination carries on from the source's counter.
+    cd.set_mig_state(VFIO_USER_DEVICE_STATE_RUNNING).unwrap();
+    assert_eq!(reg(&mut cd, REG_STATE), VFU_MIGR_STATE_RUNNING);
+    wait_until("ticks on the destination", || {
+        reg(&mut cd, REG_COUNTER) >= counter + 30
+    });
+    set_reg(&mut cd, REG_CTRL, 0);
+    let n = reg(&mut cd, REG_COUNTER);
+    let buf = mem2.read_vec(BUF_OFF, BUF_LEN as usize).unwrap();
+    assert_eq!(reg(&mut cd, REG_CHECKSUM), sum_words(&buf));
+    check_pages(&buf, n);
+    drop(cd);
+    destination_gone();
 }
