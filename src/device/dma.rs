@@ -5,14 +5,16 @@
 //!
 //! Design:
 //!
-//! * Regions live in a `BTreeMap` keyed by their first IOVA, behind an
-//!   `RwLock`. Map/unmap take the write lock; everything on the I/O path
+//! * Regions live in a [`RegionTable`](super::dma_table) (ordered by first
+//!   IOVA, with a page hash for small regions), behind an `RwLock`. Map/unmap take the write lock; everything on the I/O path
 //!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) only
 //!   takes the read lock, so device threads run concurrently with each other.
-//! * Each thread remembers the last region it translated into, tagged with a
-//!   process-wide unique "generation" of the region table. While the table is
-//!   unchanged a translation that falls in the remembered region needs no lock
-//!   and no tree walk at all.
+//! * Each thread keeps a small direct-mapped cache of the regions it
+//!   translated into (a software TLB, 1 Ki entries, allocated on first use),
+//!   each entry tagged with a process-wide unique "generation" of the region
+//!   table. Removing a region starts a new generation; adding one does not
+//!   (it overlaps nothing, so no cached translation becomes false). A
+//!   translation that hits the cache takes no lock and walks no tree.
 //! * A [`DmaSg`] names its region by a never-reused identifier plus the
 //!   region's start address. Every use re-validates both against the table
 //!   (an `O(log n)` lookup), so an entry for a region that was unmapped, or a
@@ -20,8 +22,8 @@
 //! * Dirty bitmaps are arrays of `AtomicU64`, set with `fetch_or` under the
 //!   read lock and harvested with `swap`, one 64-page word at a time.
 
+use super::dma_table::{RegionTable, Span};
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -241,19 +243,21 @@ impl Drop for Mapping {
     }
 }
 
-/// One registered region.
+/// One registered region. `repr(C)` to keep the fields a lookup reads
+/// together at the front, in the first cache line.
+#[repr(C)]
 struct Region {
     id: usize,
     iova: u64,
     len: u64,
+    /// Local address of the first byte (0 when not mapped).
+    vaddr: usize,
     prot: i32,
     mode: AccessMode,
     /// Offset of the region in its file.
     file_offset: u64,
     page_size: usize,
     mapping: Option<Mapping>,
-    /// Local address of the first byte (0 when not mapped).
-    vaddr: usize,
     /// Kept only for FILE_IO regions (shared so that I/O can run without the
     /// table lock held).
     fd: Option<Arc<OwnedFd>>,
@@ -262,19 +266,19 @@ struct Region {
     dirty: Option<Box<[AtomicU64]>>,
 }
 
+impl Span for Region {
+    fn start(&self) -> u64 {
+        self.iova
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
 impl Region {
     fn end(&self) -> u64 {
         // Cannot overflow: checked when the region was added.
         self.iova + self.len
-    }
-
-    /// The local address for translation hints: the mapping when mmap'ed.
-    fn hint_vaddr(&self) -> usize {
-        if self.mode == AccessMode::Mmap {
-            self.vaddr
-        } else {
-            0
-        }
     }
 
     fn info(&self) -> DmaInfo {
@@ -413,7 +417,7 @@ fn new_region_id() -> usize {
     }
 }
 
-/// The last region a thread translated into.
+/// A region as a thread's translation cache remembers it.
 #[derive(Clone, Copy)]
 struct Hint {
     generation: u64,
@@ -423,16 +427,73 @@ struct Hint {
     prot: i32,
     /// Local address of the region when it is mmap'ed, else 0.
     vaddr: usize,
+    /// The region itself. Only dereferenced with the table's read lock held
+    /// and `generation` current, which proves the region is still there.
+    region: *const Region,
 }
 
-thread_local! {
-    static HINT: Cell<Hint> = const {
-        Cell::new(Hint { generation: 0, start: 0, len: 0, id: 0, prot: 0, vaddr: 0 })
+impl Hint {
+    const EMPTY: Hint = Hint {
+        generation: 0,
+        start: 0,
+        len: 0,
+        id: 0,
+        prot: 0,
+        vaddr: 0,
+        region: std::ptr::null(),
     };
+
+    fn of(region: &Region, generation: u64) -> Hint {
+        Hint {
+            generation,
+            start: region.iova,
+            len: region.len,
+            id: region.id,
+            prot: region.prot,
+            vaddr: if region.mode == AccessMode::Mmap {
+                region.vaddr
+            } else {
+                0
+            },
+            region,
+        }
+    }
+}
+
+/// log2 of the number of entries in each thread's translation cache.
+const TLB_BITS: u32 = 10;
+/// Addresses in the same 4 KiB granule share a cache slot.
+const TLB_GRANULE_SHIFT: u32 = 12;
+
+thread_local! {
+    /// Each thread's translation cache: a direct-mapped table of the regions
+    /// it translated into recently, indexed by a hash of the address's
+    /// granule (a software TLB). Allocated on a thread's first translation,
+    /// so threads that never do DMA pay nothing.
+    static TLB: Box<[Cell<Hint>]> =
+        vec![Cell::new(Hint::EMPTY); 1 << TLB_BITS].into_boxed_slice();
+}
+
+fn tlb_slot(iova: u64) -> usize {
+    // Fibonacci hashing: regions laid out with any power-of-two stride still
+    // spread over the whole table.
+    ((iova >> TLB_GRANULE_SHIFT).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TLB_BITS)) as usize
+}
+
+/// The cached region for `iova`'s slot (possibly stale or another address's:
+/// the caller checks the generation and the range).
+fn tlb_get(iova: u64) -> Hint {
+    TLB.try_with(|t| t[tlb_slot(iova)].get())
+        .unwrap_or(Hint::EMPTY)
+}
+
+fn tlb_set(iova: u64, hint: Hint) {
+    // During thread teardown the cache may be gone: then nothing is cached.
+    let _ = TLB.try_with(|t| t[tlb_slot(iova)].set(hint));
 }
 
 struct Inner {
-    regions: BTreeMap<u64, Box<Region>>,
+    regions: RegionTable<Region>,
     /// Logging page size, 0 when not logging.
     dirty_page_size: u64,
 }
@@ -463,33 +524,34 @@ impl fmt::Debug for DmaController {
     }
 }
 
-/// Finds the region whose range contains `addr`.
-fn containing(regions: &BTreeMap<u64, Box<Region>>, addr: u64) -> Option<&Region> {
-    regions
-        .range(..=addr)
-        .next_back()
-        .map(|(_, r)| &**r)
-        .filter(|r| addr < r.end())
-}
-
 /// Resolves a scatter/gather entry to its region, rejecting entries that do
 /// not name a live region or that reach outside it.
-fn resolve<'a>(regions: &'a BTreeMap<u64, Box<Region>>, sg: &DmaSg) -> Result<&'a Region> {
+fn resolve<'a>(regions: &'a RegionTable<Region>, sg: &DmaSg) -> Result<&'a Region> {
     if sg.region == 0 {
         return Err(Errno::EINVAL);
     }
     let region = regions
-        .get(&(sg.dma_addr as usize as u64))
+        .get(sg.dma_addr as usize as u64)
         .filter(|r| r.id == sg.region)
         .ok_or(Errno::EINVAL)?;
+    check_sg(region, sg)
+}
+
+/// The checks of [`resolve`] once the entry's region is known.
+fn check_sg<'a>(region: &'a Region, sg: &DmaSg) -> Result<&'a Region> {
+    check_range(region.len, region.prot, sg).map(|()| region)
+}
+
+/// Whether `sg` fits a region of `len` bytes and protection `prot`.
+fn check_range(len: u64, prot: i32, sg: &DmaSg) -> Result<()> {
     let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
-    if end > region.len {
+    if end > len {
         return Err(Errno::EINVAL);
     }
-    if sg.writeable && region.prot & libc::PROT_WRITE == 0 {
+    if sg.writeable && prot & libc::PROT_WRITE == 0 {
         return Err(Errno::EACCES);
     }
-    Ok(region)
+    Ok(())
 }
 
 fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
@@ -506,7 +568,7 @@ impl DmaController {
     pub fn new(max_regions: usize) -> Self {
         DmaController {
             inner: RwLock::new(Inner {
-                regions: BTreeMap::new(),
+                regions: RegionTable::new(),
                 dirty_page_size: 0,
             }),
             max_regions,
@@ -524,8 +586,8 @@ impl DmaController {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Must be called with the write lock held, after every change of the
-    /// table's shape.
+    /// Must be called with the write lock held, after every removal from
+    /// the table: it invalidates every thread's cached translations.
     fn bump_generation(&self) {
         self.generation.store(new_generation(), Ordering::Release);
     }
@@ -574,9 +636,7 @@ impl DmaController {
         // overlap: any later one starts after it.
         let existing = inner
             .regions
-            .range(..end)
-            .next_back()
-            .map(|(_, r)| r)
+            .last_starting_before(end)
             .filter(|r| r.end() > iova);
         if let Some(existing) = existing {
             if existing.iova == iova && existing.len == len {
@@ -659,8 +719,9 @@ impl DmaController {
             dirty,
         };
         let info = region.info();
-        inner.regions.insert(iova, Box::new(region));
-        self.bump_generation();
+        inner.regions.insert(Box::new(region));
+        // No new generation: a new region overlaps no existing one, so every
+        // cached translation stays true (misses are never cached).
         Ok(info)
     }
 
@@ -672,7 +733,7 @@ impl DmaController {
         let inner = self.table();
         inner
             .regions
-            .get(&iova)
+            .get(iova)
             .filter(|r| r.len == len)
             .map(|r| r.info())
             .ok_or(Errno::ENOENT)
@@ -690,11 +751,11 @@ impl DmaController {
     pub fn remove_region(&self, iova: u64, len: u64) -> Result<DmaInfo> {
         let region = {
             let mut inner = self.table_mut();
-            match inner.regions.get(&iova) {
+            match inner.regions.get(iova) {
                 Some(r) if r.len == len => {}
                 _ => return Err(Errno::ENOENT),
             }
-            let region = inner.regions.remove(&iova).ok_or(Errno::ENOENT)?;
+            let region = inner.regions.remove(iova).ok_or(Errno::ENOENT)?;
             self.bump_generation();
             region
         };
@@ -708,11 +769,11 @@ impl DmaController {
     pub fn remove_all(&self) -> Vec<DmaInfo> {
         let regions = {
             let mut inner = self.table_mut();
-            let regions = std::mem::take(&mut inner.regions);
+            let regions = inner.regions.take_all();
             self.bump_generation();
             regions
         };
-        regions.into_values().map(|r| r.info()).collect()
+        regions.iter().map(|r| r.info()).collect()
     }
 
     /// Number of registered regions.
@@ -734,11 +795,11 @@ impl DmaController {
         sgl: &mut [DmaSg],
         prot: i32,
     ) -> std::result::Result<usize, SglError> {
-        // Fast path: same region as this thread's last translation and the
-        // table has not changed since.
+        // Fast path: this thread's translation cache knows the region and no
+        // region has been removed since.
         if len > 0 {
             if let Some(first) = sgl.first_mut() {
-                let hint = HINT.with(Cell::get);
+                let hint = tlb_get(iova);
                 if hint.generation != 0
                     && hint.generation == self.generation.load(Ordering::Acquire)
                     && iova >= hint.start
@@ -760,7 +821,7 @@ impl DmaController {
         // One tree walk when the range lies in one region (the usual case):
         // `translate` and the hint below would each walk the tree again.
         if len > 0 {
-            if let Some(r) = containing(&inner.regions, iova) {
+            if let Some(r) = inner.regions.containing(iova) {
                 if iova.checked_add(len).is_some_and(|e| e <= r.end()) {
                     if prot & libc::PROT_WRITE != 0 && r.prot & libc::PROT_WRITE == 0 {
                         return Err(SglError::Errno(Errno::EACCES));
@@ -769,33 +830,15 @@ impl DmaController {
                         return Err(SglError::NeedMore(1));
                     };
                     fill_sg(first, r.iova, r.id, iova, len, prot);
-                    HINT.with(|h| {
-                        h.set(Hint {
-                            generation,
-                            start: r.iova,
-                            len: r.len,
-                            id: r.id,
-                            prot: r.prot,
-                            vaddr: r.hint_vaddr(),
-                        })
-                    });
+                    tlb_set(iova, Hint::of(r, generation));
                     return Ok(1);
                 }
             }
         }
         let count = translate(&inner.regions, iova, len, sgl, prot)?;
         if count > 0 {
-            if let Some(r) = containing(&inner.regions, iova) {
-                HINT.with(|h| {
-                    h.set(Hint {
-                        generation,
-                        start: r.iova,
-                        len: r.len,
-                        id: r.id,
-                        prot: r.prot,
-                        vaddr: r.hint_vaddr(),
-                    })
-                });
+            if let Some(r) = inner.regions.containing(iova) {
+                tlb_set(iova, Hint::of(r, generation));
             }
         }
         if count > sgl.len() {
@@ -817,7 +860,12 @@ impl DmaController {
         }
         let inner = self.table();
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-            let region = resolve(&inner.regions, sg)?;
+            if let Some(m) = self.cached_mapping(sg) {
+                out.iov_base = m?.0 as *mut c_void;
+                out.iov_len = sg.length as usize;
+                continue;
+            }
+            let region = self.resolve_cached(&inner, sg)?;
             if region.mode != AccessMode::Mmap {
                 return Err(Errno::EFAULT);
             }
@@ -847,7 +895,7 @@ impl DmaController {
             return;
         }
         for sg in sgl.iter().filter(|sg| sg.writeable) {
-            if let Ok(region) = resolve(&inner.regions, sg) {
+            if let Ok(region) = self.resolve_cached(&inner, sg) {
                 region.mark_dirty(sg.offset, sg.length, page_size);
             }
         }
@@ -865,8 +913,8 @@ impl DmaController {
             return;
         }
         let end = iova.saturating_add(len);
-        let first_key = containing(&inner.regions, iova).map_or(iova, |r| r.iova);
-        for region in inner.regions.range(first_key..end).map(|(_, r)| r) {
+        let first_key = inner.regions.containing(iova).map_or(iova, |r| r.iova);
+        for region in inner.regions.range(first_key..end) {
             let lo = iova.max(region.iova);
             let hi = end.min(region.end());
             if lo < hi {
@@ -879,7 +927,8 @@ impl DmaController {
     /// [`Self::sgl_get`] works on it). False for invalid entries.
     pub fn sg_is_mappable(&self, sg: &DmaSg) -> bool {
         let inner = self.table();
-        resolve(&inner.regions, sg).is_ok_and(|r| r.mode == AccessMode::Mmap)
+        self.resolve_cached(&inner, sg)
+            .is_ok_and(|r| r.mode == AccessMode::Mmap)
     }
 
     /// Reads or writes the memory of one entry on behalf of `vfu_sgl_read` /
@@ -914,27 +963,22 @@ impl DmaController {
         let inner = self.table();
         if direct {
             // The usual case: the entry was just made by this thread's
-            // addr_to_sgl, whose hint still describes its mapped region.
-            if let Some(h) = self.current_hint(sg) {
-                let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
-                if end > h.len {
-                    return Err(Errno::EINVAL);
-                }
-                if h.prot & libc::PROT_READ == 0 || (sg.writeable && h.prot & libc::PROT_WRITE == 0)
-                {
+            // addr_to_sgl, so its cache knows the mapping.
+            if let Some(m) = self.cached_mapping(sg) {
+                let (src, prot) = m?;
+                if prot & libc::PROT_READ == 0 {
                     return Err(Errno::EACCES);
                 }
-                let src = (h.vaddr + sg.offset as usize) as *const u8;
-                // SAFETY: the hint is current (same table generation, and the
-                // table cannot change while we hold its read lock), so the
-                // region is mapped readable at `h.vaddr` for `h.len` bytes and
-                // the range was checked against it above.
-                unsafe { std::ptr::copy(src, buf.as_mut_ptr(), n) };
+                // SAFETY: `cached_mapping` found the region mapped at the
+                // cached address and the entry's range inside it; the region
+                // stays mapped while we hold the read lock (`inner`); `buf`
+                // has at least `n` bytes. `copy` tolerates overlap.
+                unsafe { std::ptr::copy(src as *const u8, buf.as_mut_ptr(), n) };
                 drop(inner);
                 return Ok(true);
             }
         }
-        let region = resolve(&inner.regions, sg)?;
+        let region = self.resolve_cached(&inner, sg)?;
         if !direct {
             return Ok(false);
         }
@@ -969,7 +1013,7 @@ impl DmaController {
         }
         let n = self.check_buf(sg, buf.len())?;
         let inner = self.table();
-        let region = resolve(&inner.regions, sg)?;
+        let region = self.resolve_cached(&inner, sg)?;
         if !direct {
             return Ok(false);
         }
@@ -1002,17 +1046,42 @@ impl DmaController {
         }
     }
 
-    /// This thread's translation hint, when it is current and names the
-    /// mapped region of `sg`. Call with the table lock held.
-    fn current_hint(&self, sg: &DmaSg) -> Option<Hint> {
-        let h = HINT.with(Cell::get);
+    /// This thread's cached translation of `sg`'s region, when current. Call
+    /// with the table's read lock held.
+    fn cached(&self, sg: &DmaSg) -> Option<Hint> {
+        let h = tlb_get(sg.iova());
         (h.generation != 0
-            && h.vaddr != 0
             && sg.region != 0
             && h.id == sg.region
             && h.start == sg.dma_addr as usize as u64
             && h.generation == self.generation.load(Ordering::Acquire))
         .then_some(h)
+    }
+
+    /// For an entry of a mapped region this thread's cache knows: the local
+    /// address of its first byte and the region's protection, after the
+    /// checks of [`check_sg`]. `None` when the cache cannot tell. Call with
+    /// the table's read lock held; the address is valid while it is held.
+    fn cached_mapping(&self, sg: &DmaSg) -> Option<Result<(usize, i32)>> {
+        let h = self.cached(sg).filter(|h| h.vaddr != 0)?;
+        Some(check_range(h.len, h.prot, sg).map(|()| (h.vaddr + sg.offset as usize, h.prot)))
+    }
+
+    /// [`resolve`], answered from this thread's translation cache when it
+    /// holds the entry's region (the usual case: the entry was just made by
+    /// this thread's `addr_to_sgl`). `inner` is the table under its read lock.
+    fn resolve_cached<'a>(&self, inner: &'a Inner, sg: &DmaSg) -> Result<&'a Region> {
+        if let Some(h) = self.cached(sg) {
+            // SAFETY: the entry was made from a region of this controller's
+            // table while its generation was `h.generation` (generations are
+            // unique per controller and change), and the generation is still
+            // current. Every removal changes it under the write lock, and we
+            // hold the read lock (`inner`), so the region is still in the
+            // table and stays there for the lifetime of `inner`.
+            let region = unsafe { &*h.region };
+            return check_sg(region, sg);
+        }
+        resolve(&inner.regions, sg)
     }
 
     fn check_buf(&self, sg: &DmaSg, buf_len: usize) -> Result<usize> {
@@ -1051,7 +1120,7 @@ impl DmaController {
             }
         }
         for (iova, bitmap) in bitmaps {
-            if let Some(r) = inner.regions.get_mut(&iova) {
+            if let Some(r) = inner.regions.get_mut(iova) {
                 r.dirty = Some(bitmap);
             }
         }
@@ -1130,7 +1199,7 @@ impl DmaController {
         if bitmap.len() != bitmap_size(len, page_size)? {
             return Err(Errno::EINVAL);
         }
-        let region = inner.regions.get(&iova).ok_or(Errno::ENOENT)?;
+        let region = inner.regions.get(iova).ok_or(Errno::ENOENT)?;
         let words = match (&region.dirty, region.mode) {
             (Some(words), m) if m != AccessMode::Message => words,
             _ => return Err(Errno::EINVAL),
@@ -1202,7 +1271,7 @@ impl DmaController {
         let inner = self.table();
         let mut addr = iova;
         while addr < end {
-            let region = containing(&inner.regions, addr).ok_or(Errno::ENOENT)?;
+            let region = inner.regions.containing(addr).ok_or(Errno::ENOENT)?;
             if region.prot & prot != prot {
                 return Err(Errno::EACCES);
             }
@@ -1291,7 +1360,7 @@ impl DmaController {
 /// writes concurrently may read back torn, as with any memory shared with a
 /// guest.
 pub struct GuestSlice<'a> {
-    regions: &'a BTreeMap<u64, Box<Region>>,
+    regions: &'a RegionTable<Region>,
     iova: u64,
     len: usize,
     prot: i32,
@@ -1391,7 +1460,7 @@ impl GuestSlice<'_> {
         while done < len {
             // Cannot overflow: `with_guest` checked `iova + self.len`.
             let addr = self.iova + (offset + done) as u64;
-            let region = containing(self.regions, addr).ok_or(Errno::EFAULT)?;
+            let region = self.regions.containing(addr).ok_or(Errno::EFAULT)?;
             let in_region = addr - region.iova;
             let n = usize::try_from(region.end() - addr)
                 .unwrap_or(usize::MAX)
@@ -1412,7 +1481,7 @@ impl GuestSlice<'_> {
 /// Walks the regions covering `[iova, iova + len)`, filling `sgl` as far as
 /// it goes, and returns the number of entries the whole range needs.
 fn translate(
-    regions: &BTreeMap<u64, Box<Region>>,
+    regions: &RegionTable<Region>,
     iova: u64,
     len: u64,
     sgl: &mut [DmaSg],
@@ -1421,11 +1490,11 @@ fn translate(
     if len == 0 {
         return Ok(0);
     }
-    let first = containing(regions, iova).ok_or(Errno::ENOENT)?;
+    let first = regions.containing(iova).ok_or(Errno::ENOENT)?;
     let mut addr = iova;
     let mut remaining = len;
     let mut count = 0usize;
-    for region in regions.range(first.iova..).map(|(_, r)| r) {
+    for region in regions.range(first.iova..) {
         if count > 0 && region.iova != addr {
             // A hole after the previous region.
             return Err(SglError::Errno(Errno::ENOENT));
@@ -2516,6 +2585,85 @@ mod tests {
         }
         eprintln!("{} lookups in {:?}", 2 * n / 7, t.elapsed());
         assert!(t.elapsed().as_secs() < 5);
+    }
+
+    /// An address other than `addr`, in another granule, that takes the same
+    /// translation cache slot.
+    fn colliding(addr: u64) -> u64 {
+        (1..)
+            .map(|i| addr + i * PAGE)
+            .find(|&a| tlb_slot(a) == tlb_slot(addr))
+            .unwrap()
+    }
+
+    #[test]
+    fn translation_cache_collisions_and_misses() {
+        let dma = DmaController::new(10);
+        let a = 0x10_0000;
+        let b = colliding(a);
+        dma.add_region(a, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        // Cached for `a`; `b` shares the slot but is not mapped.
+        assert_eq!(sg1(&dma, a, 8, PROT_RW).dma_addr as u64, a);
+        let mut sgl = [DmaSg::default()];
+        for _ in 0..2 {
+            assert_eq!(
+                dma.addr_to_sgl(b, 8, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        // Mapped later (no new generation): found, and then evicts `a`'s
+        // entry, which must still translate right afterwards.
+        dma.add_region(b, PAGE, Some(memfd(PAGE)), 0, libc::PROT_READ, false)
+            .unwrap();
+        for _ in 0..3 {
+            let sb = sg1(&dma, b + 16, 8, libc::PROT_READ);
+            assert_eq!((sb.dma_addr as u64, sb.offset), (b, 16));
+            assert!(!sb.writeable);
+            assert_eq!(
+                dma.addr_to_sgl(b, 8, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::EACCES))
+            );
+            let sa = sg1(&dma, a + 8, 8, PROT_RW);
+            assert_eq!((sa.dma_addr as u64, sa.offset), (a, 8));
+            // sg_read of `b`'s entry after `a` took the slot: correct data
+            // through the slow path.
+            let mut buf = [0u8; 8];
+            assert!(dma.sg_write(&sa, &[7; 8], true).unwrap());
+            assert!(dma.sg_read(&sa, &mut buf, true).unwrap());
+            assert_eq!(buf, [7; 8]);
+            assert!(dma.sg_read(&sb, &mut buf, true).unwrap());
+            assert_eq!(buf, [0; 8]);
+        }
+    }
+
+    #[test]
+    fn translation_cache_survives_adds_not_removals() {
+        let dma = DmaController::new(10);
+        dma.add_region(0, 2 * PAGE, Some(memfd(2 * PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let gen = dma.generation.load(Ordering::Relaxed);
+        let before = sg1(&dma, PAGE, 8, PROT_RW);
+        // Adding a neighbour right after it keeps the generation, and the
+        // cached translation stays right at the boundary.
+        dma.add_region(2 * PAGE, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(dma.generation.load(Ordering::Relaxed), gen);
+        assert_eq!(sg1(&dma, PAGE, 8, PROT_RW).region, before.region);
+        let mut sgl = [DmaSg::default(); 2];
+        assert_eq!(dma.addr_to_sgl(2 * PAGE - 8, 16, &mut sgl, PROT_RW), Ok(2));
+        assert_eq!(sgl[1].dma_addr as u64, 2 * PAGE);
+        // Removing anything invalidates: the entry made before is refused,
+        // and a fresh translation of the re-added range names the new region.
+        dma.remove_region(0, 2 * PAGE).unwrap();
+        assert_ne!(dma.generation.load(Ordering::Relaxed), gen);
+        let mut buf = [0u8; 8];
+        assert_eq!(dma.sg_read(&before, &mut buf, true), Err(Errno::EINVAL));
+        dma.add_region(0, 2 * PAGE, Some(memfd(2 * PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let after = sg1(&dma, PAGE, 8, PROT_RW);
+        assert_ne!(after.region, before.region);
+        assert!(dma.sg_read(&after, &mut buf, true).unwrap());
     }
 
     #[test]
