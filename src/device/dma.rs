@@ -207,12 +207,11 @@ struct FileIdentity {
 
 impl FileIdentity {
     fn of(fd: &OwnedFd) -> Result<FileIdentity> {
-        // SAFETY: `stat` is plain old data, so all-zero is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(Errno::last());
-        }
+        Self::from_stat(fd, &fstat(fd)?)
+    }
+
+    /// The identity of `fd`, whose `fstat` is `st`.
+    fn from_stat(fd: &OwnedFd, st: &libc::stat) -> Result<FileIdentity> {
         // SAFETY: F_GETFL on an open fd takes no further arguments.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
         if flags == -1 {
@@ -224,6 +223,16 @@ impl FileIdentity {
             flags,
         })
     }
+}
+
+fn fstat(fd: &OwnedFd) -> Result<libc::stat> {
+    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Errno::EINVAL);
+    }
+    Ok(st)
 }
 
 /// A private shared mapping of a region's fd; unmapped on drop.
@@ -375,18 +384,12 @@ fn system_page_size() -> usize {
     }
 }
 
-/// The page size for a region backed by `fd`: the larger of the system page
+/// The page size for a region backed by a file whose `fstat` is `st`: the larger of the system page
 /// size and the file's block size (hugetlbfs reports its huge page size), as
 /// upstream. A block size that is not a multiple of the system page size
 /// cannot be used to align a mapping, so it is ignored.
-fn fd_page_size(fd: &OwnedFd) -> Result<usize> {
+fn fd_page_size(st: &libc::stat) -> Result<usize> {
     let sys = system_page_size();
-    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open and `st` is a valid out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(Errno::EINVAL);
-    }
     let blk = usize::try_from(st.st_blksize).map_err(|_| Errno::EINVAL)?;
     if blk > sys && blk % sys == 0 {
         Ok(blk)
@@ -667,13 +670,13 @@ impl DmaController {
             (Some(_), true) => AccessMode::FileIo,
             (Some(_), false) => AccessMode::Mmap,
         };
-        let page_size = match &fd {
-            Some(fd) => fd_page_size(fd)?,
-            None => system_page_size(),
-        };
-        let identity = match &fd {
-            Some(fd) => Some(FileIdentity::of(fd)?),
-            None => None,
+        // One fstat for both the page size and the file's identity.
+        let (page_size, identity) = match &fd {
+            Some(fd) => {
+                let st = fstat(fd)?;
+                (fd_page_size(&st)?, Some(FileIdentity::from_stat(fd, &st)?))
+            }
+            None => (system_page_size(), None),
         };
 
         let dirty = if mode != AccessMode::Message && inner.dirty_page_size != 0 {
