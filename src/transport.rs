@@ -8,12 +8,23 @@
 //! blocking loop may turn on read-ahead ([`Conn::set_read_ahead`]), so that a
 //! small request costs one system call instead of two.
 //!
-//! A client cannot wedge the server: an accepted connection gives up on a
-//! client that stops reading what it is sent, stops sending in the middle
-//! of a message, or connects and never starts its first message, for
-//! [`CLIENT_STALL_TIMEOUT`]; that client is then treated as gone
-//! (`ECONNRESET`). Waiting for the next message is not a stall: a client
-//! that has talked may stay idle as long as it likes.
+//! A client cannot wedge the server: an accepted connection (and the
+//! server's end of a twin socket) gives up on a client that stops reading
+//! what it is sent, stops sending in the middle of a message, or connects
+//! and never starts its first message, for [`CLIENT_STALL_TIMEOUT`] (or what
+//! [`Context::set_client_timeout`](crate::Context::set_client_timeout)
+//! sets); that client is then treated as gone (`ECONNRESET`, with
+//! [`Conn::stalled`] set). Waiting for the next request is not a stall: a
+//! client that has talked may stay idle as long as it likes. Waiting for the
+//! *reply* to a request of the server's (DMA_READ, DMA_WRITE) is different:
+//! the reply is due, so the server waits for it with a deadline
+//! ([`Conn::wait_readable`]) and gives up with `ETIMEDOUT`.
+//!
+//! The stall timeout is a socket timeout (`SO_SNDTIMEO`/`SO_RCVTIMEO`), so
+//! it bounds each system call, not a whole message: a client that trickles
+//! one byte per timeout keeps a message coming. The reply deadline is a
+//! total one for the wait, checked before each message the wait reads (a
+//! message that has begun is bound by the stall timeout only).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,22 +39,42 @@ use crate::protocol::{Header, HEADER_SIZE, SERVER_MAX_MSG_SIZE};
 /// a truncated control message (and the ones that did arrive are closed).
 pub const MAX_RECV_FDS: usize = 1024;
 
-/// How long an accepted connection waits for a client that does not read
-/// what it is sent (a reply, a DMA request), that stopped sending in the
-/// middle of a message, or that connected and does not begin its first
-/// message (the version negotiation, which even a non-blocking context's
-/// attach waits for), before it gives up on the client (`ECONNRESET`, which
-/// the context handles as a disconnect). Upstream has no such bound, so a
-/// client that floods requests without reading the replies blocks the
-/// server forever. It is applied with `SO_SNDTIMEO`/`SO_RCVTIMEO`, which a
-/// caller may change on the connection's fd (`vfu_get_poll_fd`).
+/// How long an accepted connection (or the server's end of a twin socket)
+/// waits for a client that does not read what it is sent (a reply, a DMA
+/// request), that stopped sending in the middle of a message, or that
+/// connected and does not begin its first message (the version
+/// negotiation, which even a non-blocking context's attach waits for),
+/// before it gives up on the client (`ECONNRESET`, which the context
+/// handles as a disconnect). It is also how long the context waits for the
+/// client's reply to a DMA_READ/DMA_WRITE of its own (`ETIMEDOUT` to the
+/// device, and the client is dropped). Upstream has no such bound, so a
+/// client that floods requests without reading the replies, or never
+/// answers a DMA request, blocks the server forever.
+///
+/// This is the default;
+/// [`Context::set_client_timeout`](crate::Context::set_client_timeout)
+/// changes it per context. It is applied with `SO_SNDTIMEO`/`SO_RCVTIMEO`, which a caller
+/// may also change on the connection's fd (`vfu_get_poll_fd`); the DMA reply
+/// deadline always follows the context's setting.
 pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sets `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket.
-fn set_timeouts(fd: &OwnedFd, t: Duration) -> Result<()> {
+/// Sets `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket; `None` (or zero)
+/// means no timeout. A non-zero timeout is rounded up to a whole
+/// microsecond: a zero `timeval` would mean none at all.
+fn set_timeouts(fd: &OwnedFd, t: Option<Duration>) -> Result<()> {
+    let t = match t {
+        Some(t) if !t.is_zero() => t.max(Duration::from_micros(1)),
+        _ => Duration::ZERO,
+    };
+    let micros = t.subsec_nanos().div_ceil(1000);
+    let (secs, micros) = if micros == 1_000_000 {
+        (t.as_secs().saturating_add(1), 0)
+    } else {
+        (t.as_secs(), micros)
+    };
     let tv = libc::timeval {
-        tv_sec: t.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: t.subsec_micros().into(),
+        tv_sec: secs.try_into().unwrap_or(libc::time_t::MAX),
+        tv_usec: micros.into(),
     };
     for opt in [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO] {
         // SAFETY: tv is a valid timeval and the length matches it.
@@ -119,8 +150,15 @@ impl Listener {
         })
     }
 
-    /// Accepts one client (`EAGAIN` when non-blocking and none is waiting).
+    /// Accepts one client (`EAGAIN` when non-blocking and none is waiting),
+    /// with the stall rules and [`CLIENT_STALL_TIMEOUT`].
     pub fn accept(&self) -> Result<Conn> {
+        self.accept_with_timeout(Some(CLIENT_STALL_TIMEOUT))
+    }
+
+    /// [`Listener::accept`] with another stall timeout (`None`: the
+    /// connection never gives up on the client, as upstream's does not).
+    pub fn accept_with_timeout(&self, timeout: Option<Duration>) -> Result<Conn> {
         loop {
             // SAFETY: accept4 with null address pointers is allowed.
             let r = unsafe {
@@ -134,10 +172,7 @@ impl Listener {
             if r >= 0 {
                 // SAFETY: a fresh fd from accept4 that we now own.
                 let fd = unsafe { OwnedFd::from_raw_fd(r) };
-                set_timeouts(&fd, CLIENT_STALL_TIMEOUT)?;
-                let mut conn = Conn::from_fd(fd);
-                conn.stall_resets = true;
-                return Ok(conn);
+                return Conn::with_stall_timeout(fd, timeout);
             }
             let e = Errno::last();
             if e.0 != libc::EINTR {
@@ -194,6 +229,8 @@ pub struct Conn {
     stall_resets: bool,
     /// A whole header has been received: from then on the peer may idle.
     talked: std::cell::Cell<bool>,
+    /// A stall was reported as `ECONNRESET` (see [`Conn::stalled`]).
+    stalled: std::cell::Cell<bool>,
 }
 
 /// How many bytes a header read may take ahead of the header.
@@ -301,6 +338,68 @@ impl Conn {
             ahead: std::cell::RefCell::new(ReadAhead::default()),
             stall_resets: false,
             talked: std::cell::Cell::new(false),
+            stalled: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Wraps a socket connected to a client, with the stall rules: a
+    /// socket timeout of `timeout` (`None`: none) in the middle of a
+    /// message, in a send, or before the peer's first message is reported
+    /// as `ECONNRESET` (and [`Conn::stalled`]).
+    pub fn with_stall_timeout(fd: OwnedFd, timeout: Option<Duration>) -> Result<Conn> {
+        set_timeouts(&fd, timeout)?;
+        let mut conn = Conn::from_fd(fd);
+        conn.stall_resets = true;
+        Ok(conn)
+    }
+
+    /// Changes the socket timeouts of a connection made with
+    /// [`Conn::with_stall_timeout`] (`None`: none).
+    pub fn set_stall_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        set_timeouts(&self.fd, timeout)
+    }
+
+    /// Whether an error this connection reported as `ECONNRESET` was a
+    /// stall (the peer neither read nor wrote for the socket timeout) rather
+    /// than the peer closing the connection.
+    pub fn stalled(&self) -> bool {
+        self.stalled.get()
+    }
+
+    /// Waits until a message can be read, at most until `deadline`
+    /// (`ETIMEDOUT` then): for a reply that is due, where silence is not
+    /// idleness. Returns at once when bytes read ahead are waiting, or when
+    /// the peer hung up (the read that follows reports it).
+    pub fn wait_readable(&self, deadline: std::time::Instant) -> Result<()> {
+        {
+            let ra = self.ahead.borrow();
+            if ra.end > ra.start {
+                return Ok(());
+            }
+        }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Errno(libc::ETIMEDOUT));
+            }
+            // Rounded up, so that the wait never ends before the deadline.
+            let ms = i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: pfd is one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                return Ok(());
+            }
+            if r < 0 {
+                let e = Errno::last();
+                if e.0 != libc::EINTR {
+                    return Err(e);
+                }
+            }
         }
     }
 
@@ -431,6 +530,7 @@ impl Conn {
                 if idle && self.talked.get() {
                     None
                 } else {
+                    self.stalled.set(true);
                     Some(Errno(libc::ECONNRESET))
                 }
             }
@@ -647,7 +747,10 @@ impl Conn {
             libc::EPIPE => Some(Errno(libc::ECONNRESET)),
             // The peer did not read for CLIENT_STALL_TIMEOUT; part of the
             // message may be sent, so the stream is lost.
-            libc::EAGAIN if self.stall_resets => Some(Errno(libc::ECONNRESET)),
+            libc::EAGAIN if self.stall_resets => {
+                self.stalled.set(true);
+                Some(Errno(libc::ECONNRESET))
+            }
             _ => Some(e),
         }
     }
@@ -913,7 +1016,7 @@ mod tests {
 
     fn timeout_pair(t: Duration) -> (Conn, Conn) {
         let (a, b) = socketpair().unwrap();
-        set_timeouts(&a, t).unwrap();
+        set_timeouts(&a, Some(t)).unwrap();
         let mut server = Conn::from_fd(a);
         server.stall_resets = true;
         (server, Conn::from_fd(b))
@@ -991,10 +1094,129 @@ mod tests {
         // Without the stall rule (the client's connections) a timeout stays
         // EAGAIN.
         let (a, b) = socketpair().unwrap();
-        set_timeouts(&a, t).unwrap();
+        set_timeouts(&a, Some(t)).unwrap();
         let plain = Conn::from_fd(a);
         assert_eq!(plain.recv_header(false).unwrap_err(), Errno::EAGAIN);
         drop(b);
+    }
+
+    #[test]
+    fn stalls_are_told_apart_from_hang_ups() {
+        let t = Duration::from_millis(50);
+        let (h, _) = msg(9, &[9; 4]);
+        let (server, client) = timeout_pair(t);
+        client.send_raw(&h.encode()[..5]);
+        assert_eq!(
+            server.recv_header(false).unwrap_err(),
+            Errno(libc::ECONNRESET)
+        );
+        assert!(server.stalled());
+        let (server, client) = timeout_pair(t);
+        client.send_raw(&h.encode()[..5]);
+        drop(client);
+        assert_eq!(
+            server.recv_header(false).unwrap_err(),
+            Errno(libc::ECONNRESET)
+        );
+        assert!(!server.stalled());
+    }
+
+    #[test]
+    fn wait_readable_sees_read_ahead_bytes_and_keeps_its_deadline() {
+        let t = Duration::from_millis(60);
+        for ahead in [false, true] {
+            let (server, client) = timeout_pair(Duration::from_secs(5));
+            server.set_read_ahead(ahead);
+            let (h1, b1) = msg(1, &[1; 4]);
+            let (h2, b2) = msg(2, &[2; 4]);
+            client.send(&h1, &[&b1], &[]).unwrap();
+            client.send(&h2, &[&b2], &[]).unwrap();
+            let mut body = [0u8; 4];
+            assert_eq!(server.recv_header(false).unwrap().hdr, h1);
+            server.recv_exact(&mut body).unwrap();
+            // The second message is in the socket, or already read ahead
+            // (the socket is then empty): either way it is ready.
+            let start = std::time::Instant::now();
+            server.wait_readable(start + t).unwrap();
+            assert!(start.elapsed() < t);
+            assert_eq!(server.recv_header(false).unwrap().hdr, h2);
+            server.recv_exact(&mut body).unwrap();
+            assert_eq!(body, [2; 4]);
+            // Nothing more: the deadline passes, although the socket's own
+            // timeout is far longer.
+            let start = std::time::Instant::now();
+            assert_eq!(
+                server.wait_readable(start + t).unwrap_err(),
+                Errno(libc::ETIMEDOUT)
+            );
+            let took = start.elapsed();
+            assert!(took >= t && took < Duration::from_secs(2), "{took:?}");
+            // A deadline already past.
+            assert_eq!(
+                server.wait_readable(start).unwrap_err(),
+                Errno(libc::ETIMEDOUT)
+            );
+            // A hang-up is ready too: the read reports it.
+            drop(client);
+            server
+                .wait_readable(std::time::Instant::now() + Duration::from_secs(5))
+                .unwrap();
+            assert_eq!(server.recv_header(false).unwrap_err(), Errno(libc::ENOMSG));
+        }
+    }
+
+    fn timeouts_of(fd: &OwnedFd) -> [Duration; 2] {
+        [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
+            let mut tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            // SAFETY: tv and len are valid out-pointers of the right size.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &mut tv as *mut libc::timeval as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
+        })
+    }
+
+    #[test]
+    fn socket_timeouts_round_up_and_none_clears_them() {
+        // The kernel keeps socket timeouts in scheduler ticks (1 to 10 ms),
+        // rounded up: whole multiples of 20 ms read back exactly.
+        let (a, _b) = socketpair().unwrap();
+        for (t, want) in [
+            (Some(Duration::new(3, 999_999_001)), Duration::from_secs(4)),
+            (Some(Duration::from_millis(260)), Duration::from_millis(260)),
+            (None, Duration::ZERO),
+            (Some(Duration::ZERO), Duration::ZERO),
+        ] {
+            set_timeouts(&a, t).unwrap();
+            assert_eq!(timeouts_of(&a), [want; 2], "{t:?}");
+        }
+        // Under a microsecond is not "no timeout" (a zero timeval).
+        for ns in [1, 999, 1500] {
+            set_timeouts(&a, Some(Duration::from_nanos(ns))).unwrap();
+            for got in timeouts_of(&a) {
+                assert!(
+                    got > Duration::ZERO && got <= Duration::from_millis(10),
+                    "{ns} ns: {got:?}"
+                );
+            }
+        }
+        let c = Conn::with_stall_timeout(a, Some(Duration::from_millis(40))).unwrap();
+        assert!(c.stall_resets);
+        assert_eq!(timeouts_of(&c.fd), [Duration::from_millis(40); 2]);
+        c.set_stall_timeout(Some(Duration::from_millis(80)))
+            .unwrap();
+        assert_eq!(timeouts_of(&c.fd), [Duration::from_millis(80); 2]);
     }
 
     #[test]
