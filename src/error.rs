@@ -59,6 +59,8 @@ impl Errno {
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     /// Not connected: the client went away, or none is attached.
     pub const ENOTCONN: Errno = Errno(libc::ENOTCONN);
+    /// Timed out: the client did not answer in time.
+    pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
     /// Protocol error.
     pub const EPROTO: Errno = Errno(libc::EPROTO);
     /// Operation not permitted.

@@ -76,8 +76,13 @@ impl Context {
         if !self.is_nonblocking() {
             conn.set_read_ahead(true);
         }
+        // The twin socket gets the stall rules of the main one: a client
+        // that does not read or answer on it is given up on too.
+        let twin = twin
+            .map(|fd| Conn::with_stall_timeout(fd, self.client_timeout()))
+            .transpose()?;
         *self.conn.borrow_mut() = Some(Rc::new(conn));
-        *self.twin.borrow_mut() = twin.map(|fd| Rc::new(Conn::from_fd(fd)));
+        *self.twin.borrow_mut() = twin.map(Rc::new);
         Ok(())
     }
 
@@ -667,6 +672,11 @@ impl Context {
     /// `vfu_sgl_write`): directly when `direct` and the region allows it,
     /// else with DMA_READ / DMA_WRITE messages to the client, split by the
     /// client's `max_data_xfer_size`.
+    ///
+    /// Each message's reply must come within the client timeout
+    /// ([`Context::set_client_timeout`]): else the client is dropped and
+    /// the transfer fails with `ETIMEDOUT` (`ENOTCONN` when the client hung
+    /// up instead).
     pub fn dma_transfer(
         &self,
         sg: &DmaSg,
@@ -738,38 +748,67 @@ impl Context {
             error_no: 0,
         };
         let parts: [&[u8]; 3] = [&head[..head_len], if is_write { data } else { &[] }, tail];
-        let r = conn.send(&h, &parts, &[]);
-        let r = r
-            .and_then(|()| self.await_dma_reply(&conn, on_main, id, command, addr, data, is_write));
-        match r {
-            Err(e) if e.0 == libc::ENOMSG || e.0 == libc::ECONNRESET => {
+        // The reply is due: unlike the wait for a request, silence here is a
+        // stall. The deadline bounds the whole wait: commands the client
+        // sends meanwhile are kept but do not extend it, so that a client
+        // trickling commands cannot hold the device forever either.
+        let timeout = self.client_timeout();
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+        let r = conn
+            .send(&h, &parts, &[])
+            .map_err(DmaWait::Conn)
+            .and_then(|()| self.await_dma_reply(&conn, on_main, deadline, id, command));
+        let (hdr, body) = match r {
+            Ok(reply) => reply,
+            Err(DmaWait::Reply(e)) => return Err(e),
+            Err(DmaWait::Conn(e))
+                if e.0 == libc::ETIMEDOUT || (e.0 == libc::ECONNRESET && conn.stalled()) =>
+            {
+                self.logf(
+                    lv::ERR,
+                    format_args!(
+                        "msg{id:#x}: no reply to DMA_{} within {:?}, dropping the client",
+                        if is_write { "WRITE" } else { "READ" },
+                        timeout.unwrap_or_default()
+                    ),
+                );
                 let _ = self.reset_ctx();
-                Err(Errno::ENOTCONN)
+                return Err(Errno::ETIMEDOUT);
             }
-            r => r,
-        }
+            Err(DmaWait::Conn(e)) if e.0 == libc::ENOMSG || e.0 == libc::ECONNRESET => {
+                let _ = self.reset_ctx();
+                return Err(Errno::ENOTCONN);
+            }
+            Err(DmaWait::Conn(e)) => return Err(e),
+        };
+        self.check_dma_reply(&hdr, &body, addr, data, is_write)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Reads messages until the reply to request `id` (a `command`) comes,
+    /// keeping the commands the client sends meanwhile on the main socket
+    /// for the request loop. With a `deadline`, the wait fails with
+    /// `ETIMEDOUT` when no message has begun by then. Returns the reply's
+    /// header and body.
     fn await_dma_reply(
         &self,
         conn: &Conn,
         on_main: bool,
+        deadline: Option<std::time::Instant>,
         id: u16,
         command: u16,
-        addr: u64,
-        data: &mut [u8],
-        is_write: bool,
-    ) -> Result<()> {
+    ) -> std::result::Result<(Header, Vec<u8>), DmaWait> {
         loop {
-            let rx = conn.recv_header(false)?;
+            if let Some(d) = deadline {
+                conn.wait_readable(d).map_err(DmaWait::Conn)?;
+            }
+            let rx = conn.recv_header(false).map_err(DmaWait::Conn)?;
             let hdr = rx.hdr;
             let len = match hdr.body_len() {
                 Some(l) if hdr.msg_size as usize <= SERVER_MAX_MSG_SIZE => l,
-                _ => return Err(Errno::EINVAL),
+                _ => return Err(DmaWait::Reply(Errno::EINVAL)),
             };
             let mut body = vec![0u8; len];
-            conn.recv_exact(&mut body)?;
+            conn.recv_exact(&mut body).map_err(DmaWait::Conn)?;
             if hdr.msg_type() == flags::TYPE_COMMAND && on_main {
                 // The client sent a command while we waited: keep it for the
                 // request loop instead of mistaking it for our reply.
@@ -781,40 +820,63 @@ impl Context {
                 continue;
             }
             if hdr.msg_type() != flags::TYPE_REPLY || hdr.msg_id != id || hdr.cmd != command {
-                return Err(Errno::EINVAL);
+                return Err(DmaWait::Reply(Errno::EINVAL));
             }
-            if hdr.flags & flags::ERROR != 0 {
-                let e = hdr.error_no;
-                return Err(Errno(if e == 0 || e > MAX_ERROR_NO {
-                    libc::EINVAL
-                } else {
-                    e as i32
-                }));
-            }
-            if self.client.get().qemu_dma_layout {
-                // QEMU answers a write with a bare header and a read with
-                // {addr u64, count u32, data, 4 bytes}.
-                if is_write {
-                    return Ok(());
-                }
-                if body.u64_at(0)? != addr || body.u32_at(8)? as usize != data.len() {
-                    return Err(Errno::EINVAL);
-                }
-                data.copy_from_slice(body.get(12..12 + data.len()).ok_or(Errno::EINVAL)?);
-                return Ok(());
-            }
-            if body.u64_at(0)? != addr || body.u64_at(8)? != data.len() as u64 {
-                return Err(Errno::EINVAL);
-            }
-            if !is_write {
-                let src = body
-                    .get(DMA_REGION_ACCESS_SIZE..DMA_REGION_ACCESS_SIZE + data.len())
-                    .ok_or(Errno::EINVAL)?;
-                data.copy_from_slice(src);
-            }
-            return Ok(());
+            return Ok((hdr, body));
         }
     }
+
+    /// Checks the client's reply to a DMA_READ/DMA_WRITE at `addr` and
+    /// copies the data read into `data`.
+    fn check_dma_reply(
+        &self,
+        hdr: &Header,
+        body: &[u8],
+        addr: u64,
+        data: &mut [u8],
+        is_write: bool,
+    ) -> Result<()> {
+        if hdr.flags & flags::ERROR != 0 {
+            let e = hdr.error_no;
+            return Err(Errno(if e == 0 || e > MAX_ERROR_NO {
+                libc::EINVAL
+            } else {
+                e as i32
+            }));
+        }
+        if self.client.get().qemu_dma_layout {
+            // QEMU answers a write with a bare header and a read with
+            // {addr u64, count u32, data, 4 bytes}.
+            if is_write {
+                return Ok(());
+            }
+            if body.u64_at(0)? != addr || body.u32_at(8)? as usize != data.len() {
+                return Err(Errno::EINVAL);
+            }
+            data.copy_from_slice(body.get(12..12 + data.len()).ok_or(Errno::EINVAL)?);
+            return Ok(());
+        }
+        if body.u64_at(0)? != addr || body.u64_at(8)? != data.len() as u64 {
+            return Err(Errno::EINVAL);
+        }
+        if !is_write {
+            let src = body
+                .get(DMA_REGION_ACCESS_SIZE..DMA_REGION_ACCESS_SIZE + data.len())
+                .ok_or(Errno::EINVAL)?;
+            data.copy_from_slice(src);
+        }
+        Ok(())
+    }
+}
+
+/// Why waiting for the reply to a DMA message failed.
+enum DmaWait {
+    /// The connection failed: the client hung up (`ENOMSG`, `ECONNRESET`)
+    /// or stalled (`ECONNRESET` with [`Conn::stalled`]), the reply deadline
+    /// passed (`ETIMEDOUT`), or another socket error.
+    Conn(Errno),
+    /// The client sent something that is not the reply.
+    Reply(Errno),
 }
 
 /// `vfu_destroy_ctx`'s teardown, run when the context drops.

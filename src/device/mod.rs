@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::error::{Errno, Result};
 use crate::protocol::caps::ClientCaps;
-use crate::transport::{Conn, Listener};
+use crate::transport::{Conn, Listener, CLIENT_STALL_TIMEOUT};
 
 pub use dma::{DmaController, DmaInfo, DmaSg, GuestSlice};
 pub use irq::{IrqType, Irqs};
@@ -171,6 +171,8 @@ pub struct Context {
     pub(crate) quiesced: Cell<bool>,
     realized: Cell<bool>,
     pub(crate) next_msg_id: Cell<u16>,
+    /// See [`Context::set_client_timeout`].
+    client_timeout: Cell<Option<Duration>>,
 }
 
 /// What the client negotiated.
@@ -242,6 +244,7 @@ impl Context {
             quiesced: Cell::new(false),
             realized: Cell::new(false),
             next_msg_id: Cell::new(1),
+            client_timeout: Cell::new(Some(CLIENT_STALL_TIMEOUT)),
         })
     }
 
@@ -640,7 +643,46 @@ impl Context {
 
     pub(crate) fn accept(&self) -> Result<Conn> {
         let l = self.listener.borrow();
-        l.as_ref().ok_or(Errno::ENOTCONN)?.accept()
+        l.as_ref()
+            .ok_or(Errno::ENOTCONN)?
+            .accept_with_timeout(self.client_timeout.get())
+    }
+
+    /// Sets how long the context waits for a client that stops responding
+    /// before it gives up on it (30 s by default, [`CLIENT_STALL_TIMEOUT`]);
+    /// `None` waits forever, as upstream libvfio-user does.
+    ///
+    /// The timeout applies to a client that connects and does not begin
+    /// the version negotiation, stops in the middle of a message, does not
+    /// read what the server sends it (on the main or the twin socket), or
+    /// does not answer a `DMA_READ`/`DMA_WRITE` request of the server's: the
+    /// reply must arrive within the timeout of the request, whatever else
+    /// the client sends meanwhile (its commands are kept and handled after
+    /// the transfer). The transfer ([`Context::dma_read`],
+    /// [`Context::dma_write`], [`Context::dma_transfer`], `vfu_sgl_read`)
+    /// then fails with `ETIMEDOUT`, and a stalled client is dropped like one
+    /// that hung up: the reset callback runs with
+    /// [`ResetType::LostConn`] and [`Context::run`] reports `ENOTCONN`. A
+    /// client that is merely idle between its own requests is never dropped.
+    ///
+    /// Takes effect at once, for the attached client too. `EINVAL` for a
+    /// zero duration (use `None`), else the error of `setsockopt`.
+    pub fn set_client_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Errno::EINVAL);
+        }
+        for c in [&self.conn, &self.twin] {
+            if let Some(c) = c.borrow().as_ref() {
+                c.set_stall_timeout(timeout)?;
+            }
+        }
+        self.client_timeout.set(timeout);
+        Ok(())
+    }
+
+    /// The timeout set by [`Context::set_client_timeout`].
+    pub fn client_timeout(&self) -> Option<Duration> {
+        self.client_timeout.get()
     }
 }
 
@@ -765,7 +807,9 @@ impl Context {
     ///
     /// Errors: `EINVAL` without [`Context::setup_dma`], `ENOENT` when part of
     /// the range is not mapped, `EACCES` when a region is not readable,
-    /// `ENOTCONN` when the client is gone, or the client's error.
+    /// `ENOTCONN` when the client is gone, `ETIMEDOUT` when it did not
+    /// answer in time (it is then dropped: see
+    /// [`Context::set_client_timeout`]), or the client's error.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
         let dma = self.dma().ok_or(Errno::EINVAL)?.clone();
         dma.for_each_sg(iova, buf.len(), dma::PROT_READ, |sg, range| {
@@ -893,5 +937,75 @@ mod tests {
         let blocking = Context::create(sock("blk"), false).unwrap();
         blocking.realize().unwrap();
         assert_eq!(blocking.run_ready(8), Err(Errno::EINVAL));
+    }
+
+    /// `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket.
+    fn socket_timeouts(fd: RawFd) -> [Duration; 2] {
+        [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
+            let mut tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            // SAFETY: tv and len are valid out-pointers of the right size.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &mut tv as *mut libc::timeval as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
+        })
+    }
+
+    #[test]
+    fn client_timeout_reaches_the_main_and_the_twin_socket() {
+        let path = sock("timeout");
+        let ctx = Context::create(&path, false).unwrap();
+        ctx.realize().unwrap();
+        assert_eq!(ctx.client_timeout(), Some(CLIENT_STALL_TIMEOUT));
+        assert_eq!(
+            ctx.set_client_timeout(Some(Duration::ZERO)),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(ctx.client_timeout(), Some(CLIENT_STALL_TIMEOUT));
+        let two = Duration::from_secs(2);
+        ctx.set_client_timeout(Some(two)).unwrap();
+        assert_eq!(ctx.client_timeout(), Some(two));
+
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let client = std::thread::spawn(move || {
+            let opts = crate::client::ClientOptions {
+                twin_socket: true,
+                ..Default::default()
+            };
+            let c = crate::client::Client::connect_with(&path, opts).unwrap();
+            assert!(c.has_twin_socket());
+            done.recv().unwrap();
+        });
+        ctx.attach().unwrap();
+        let fds =
+            || [&ctx.conn, &ctx.twin].map(|c| c.borrow().as_ref().expect("socket").as_raw_fd());
+        for fd in fds() {
+            assert_eq!(socket_timeouts(fd), [two; 2]);
+        }
+        // While attached: both sockets follow.
+        let four = Duration::from_secs(4);
+        ctx.set_client_timeout(Some(four)).unwrap();
+        for fd in fds() {
+            assert_eq!(socket_timeouts(fd), [four; 2]);
+        }
+        ctx.set_client_timeout(None).unwrap();
+        assert_eq!(ctx.client_timeout(), None);
+        for fd in fds() {
+            assert_eq!(socket_timeouts(fd), [Duration::ZERO; 2]);
+        }
+        done_tx.send(()).unwrap();
+        client.join().unwrap();
+        assert_eq!(ctx.run(), Err(Errno::ENOTCONN));
     }
 }
