@@ -91,12 +91,16 @@ pub struct Server {
 pub struct Options {
     /// Applied as SO_SNDTIMEO/SO_RCVTIMEO to each accepted connection.
     pub stall_timeout: Duration,
+    /// Given to `Context::set_client_timeout` (`None`: the library's
+    /// default is kept).
+    pub client_timeout: Option<Duration>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             stall_timeout: Duration::from_secs(1),
+            client_timeout: None,
         }
     }
 }
@@ -289,6 +293,9 @@ impl Server {
             std::thread::spawn(move || {
                 let bar2 = memfd(0x4000);
                 let ctx = Context::create(&path, false).expect("context");
+                if let Some(t) = opts.client_timeout {
+                    ctx.set_client_timeout(Some(t)).expect("client timeout");
+                }
                 setup(&ctx, &stats, &bar2).expect("setup");
                 tx.send(()).unwrap();
                 while !stop.load(Ordering::SeqCst) {
