@@ -5,7 +5,7 @@
 //!
 //! Design:
 //!
-//! * Regions live in a [`RegionTable`](super::dma_table) (ordered by first
+//! * Regions live in a `RegionTable` (`dma_table.rs`: ordered by first
 //!   IOVA, with a page hash for small regions), behind an `RwLock`. Map/unmap take the write lock; everything on the I/O path
 //!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) only
 //!   takes the read lock, so device threads run concurrently with each other.
@@ -218,8 +218,8 @@ impl FileIdentity {
             return Err(Errno::last());
         }
         Ok(FileIdentity {
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
+            dev: st.st_dev,
+            ino: st.st_ino,
             flags,
         })
     }
