@@ -1337,6 +1337,28 @@ fn bench_dma_lookup(cfg: &Cfg, rep: &mut Report) {
                 t,
             );
         }
+        // The lookup structure itself: translations of random regions out
+        // of all n (mostly no fd), far more than the per-thread translation
+        // cache holds, so most of them miss it.
+        let mut s2 = 0x2545_f491_4f6c_dd1du64;
+        let any: Vec<u64> = (0..8192)
+            .map(|_| (xorshift(&mut s2) % n as u64) * 2 * page as u64)
+            .collect();
+        let t = measure(cfg, &mut |ops| {
+            let mut sg = [DmaSg::default()];
+            for i in 0..ops as usize {
+                dma.addr_to_sgl(any[i % any.len()], 8, &mut sg, libc::PROT_READ)
+                    .expect("sgl");
+                black_box(&sg);
+            }
+        });
+        rep.row(
+            &format!("addr_to_sgl alone, {label} regions, random over all (cache misses)"),
+            fmt_time(t),
+            "-".into(),
+            None,
+            Target::None,
+        );
         let c = measure(cfg, &mut |ops| get_put(&dma, &iovas, &cold, ops));
         let w = measure(cfg, &mut |ops| get_put(&dma, &iovas, &warm, ops));
         rep.row(
