@@ -11,6 +11,11 @@
 #
 # Environment:
 #   CC            C compiler (default cc)
+#   EXTRA_CFLAGS  more compiler and linker flags, e.g. for the sanitizers:
+#                 "-fsanitize=address,undefined -fno-sanitize-recover=all".
+#                 With any -fsanitize flag the tests do not run under
+#                 valgrind (the two do not mix); ASan's leak checker takes
+#                 its place.
 #   VALGRIND=0    do not run the tests under valgrind even if it is installed
 #   VFU_TEST_LOG  if set, the test servers print the library's log on stderr
 #   KEEP_WORK=1   keep the temporary build directory
@@ -46,7 +51,8 @@ fi
 PREFIX=$(cd "$1" && pwd)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CC=${CC:-cc}
-CFLAGS=(-Wall -Wextra -Werror -std=gnu11 -g -I"$PREFIX/include")
+read -r -a EXTRA <<<"${EXTRA_CFLAGS:-}"
+CFLAGS=(-Wall -Wextra -Werror -std=gnu11 -g "${EXTRA[@]}" -I"$PREFIX/include")
 LIBS=(-L"$PREFIX/lib" -lvfio-user)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vfu-device-tests.XXXXXX") || exit 2
@@ -57,8 +63,17 @@ else
 fi
 
 USE_VALGRIND=0
-if [[ ${VALGRIND:-1} != 0 ]] && command -v valgrind >/dev/null 2>&1; then
+SANITIZED=0
+[[ " ${EXTRA[*]} " == *" -fsanitize="* ]] && SANITIZED=1
+if [[ $SANITIZED == 0 && ${VALGRIND:-1} != 0 ]] && command -v valgrind >/dev/null 2>&1; then
     USE_VALGRIND=1
+fi
+if [[ $SANITIZED == 1 ]]; then
+    # Leak checking on (the default, made explicit); a UBSan finding is
+    # fatal and comes with a stack.
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
+    export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+    echo "sanitized build (${EXTRA[*]}), not under valgrind" >&2
 fi
 
 passed=0
