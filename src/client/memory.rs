@@ -336,6 +336,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn guest_memory_is_bounds_checked_and_shared_through_its_fd() {
         let m = GuestMemory::new(8192).unwrap();
         m.write(4090, b"abcdef").unwrap();
@@ -359,6 +360,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn dma_space_translates_and_refuses_overlaps() {
         let m = Arc::new(GuestMemory::new(0x3000).unwrap());
         let mut s = DmaSpace::new();
@@ -377,6 +379,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run poll(2)")]
     fn eventfd_counts() {
         let e = EventFd::new().unwrap();
         assert_eq!(e.try_read(), None);

@@ -1841,6 +1841,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run sendmsg/recvmsg with fds")]
     fn misbehaving_server_gives_errors_not_panics() {
         let (mut c, t) = fake_server(|conn| {
             // 1: a reply with the wrong id.
@@ -1882,6 +1883,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run sendmsg/recvmsg with fds")]
     fn serves_dma_requests_while_waiting_for_a_reply() {
         let (mut c, t) = fake_server(|conn| {
             let (h, body) = recv(&conn);

@@ -360,6 +360,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn map_and_unmap_with_callbacks() {
         let dma = DmaController::new(10);
         let cbs = Recorder {
@@ -386,6 +387,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn map_without_fd_and_flag_rules() {
         let dma = DmaController::new(10);
         let cbs = NoDmaCallbacks;
@@ -456,6 +458,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn map_bad_payloads() {
         let dma = DmaController::new(2);
         let cbs = NoDmaCallbacks;
@@ -515,6 +518,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn identical_remap_calls_register_again() {
         let dma = DmaController::new(10);
         let cbs = Recorder {
@@ -605,6 +609,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn unmap_all_calls_unregister_for_each() {
         let dma = DmaController::new(100);
         let cbs = Recorder {
@@ -633,6 +638,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "Miri cannot run memfd_create or file-backed mmap")]
     fn unmap_with_dirty_bitmap() {
         let dma = DmaController::new(10);
         let cbs = NoDmaCallbacks;

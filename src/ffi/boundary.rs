@@ -175,6 +175,7 @@ mod tests {
         }
 
         #[test]
+        #[cfg_attr(miri, ignore = "Miri cannot open AF_UNIX sockets")]
         fn a_panicking_callback_does_not_cross_vfu_run_ctx() {
             let path =
                 std::env::temp_dir().join(format!("vfu-ffi-panic-{}.sock", std::process::id()));
