@@ -8,6 +8,10 @@
 #   make so-dir               target/so-dir/libvfio-user.so for the Python test suite
 #   make check-consumers      install into a scratch prefix and build/run the
 #                             C consumer programs of c-tests/consumers against it
+#   make check                every test (see the end of this file)
+#   make check-asan           C device tests and C sample devices under ASan+UBSan
+#   make sanitizers           Miri, ThreadSanitizer and check-asan
+#                             (scripts/sanitizers.sh; needs a nightly toolchain)
 #   make clean                cargo clean
 #
 # Variables (all overridable on the command line):
@@ -188,8 +192,8 @@ clean:
 # own "N passed, M failed" (or cargo's) summary. Stops at the first failure.
 CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
 
-.PHONY: check check-rust check-c
-check: check-rust check-c soak
+.PHONY: check check-rust check-c check-asan sanitizers
+check: check-rust check-c check-asan soak
 	@echo "make check: all checks passed"
 
 check-rust:
@@ -208,6 +212,17 @@ check-c: build
 	bash '$(SRCDIR)/c-tests/consumers/run.sh' '$(CHECK_PREFIX)'
 	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
 		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi
+
+# The C device tests and the C sample devices built with
+# -fsanitize=address,undefined (leak checking on, no valgrind); the library
+# itself stays as built.
+check-asan: build
+	CARGO_TARGET_DIR='$(CARGO_TARGET_DIR)' bash '$(SRCDIR)/scripts/sanitizers.sh' asan
+
+# Miri, ThreadSanitizer and the above (scripts/sanitizers.sh; Miri and TSan
+# need a nightly toolchain, which .ci/run provides).
+sanitizers:
+	CARGO_TARGET_DIR='$(CARGO_TARGET_DIR)' bash '$(SRCDIR)/scripts/sanitizers.sh'
 
 # The README's main job: build, serve two sample devices, live-migrate one.
 .PHONY: demo
