@@ -187,12 +187,7 @@ run_miri() {
 # ---- ThreadSanitizer ------------------------------------------------------------
 #
 # std is rebuilt with the sanitizer (-Zbuild-std) so that its own
-# synchronization is visible to it. Skipped tests:
-#   concurrent_access_while_mapping  its three worker threads write the same
-#       guest pages at the same time (deliberately: it tests that the
-#       mappings survive), a race in the test's workload on guest memory and
-#       not in the library; tests/dma_threads.rs is the same stress with
-#       each worker on pages of its own
+# synchronization is visible to it. Skipped test:
 #   report_64gib_is_fast  a timing bound that TSan's slowdown breaks
 run_tsan() {
     local why log rc n
@@ -206,7 +201,7 @@ run_tsan() {
         TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 ${TSAN_OPTIONS:-}" \
         CARGO_TARGET_DIR=$SAN_DIR/tsan \
         cargo "+$NIGHTLY" test -Zbuild-std --target "$HOST" --lib --test dma_threads -- \
-        --skip concurrent_access_while_mapping --skip report_64gib_is_fast \
+        --skip report_64gib_is_fast \
         2>&1 | tee "$log" | grep -E '^(test result|SUMMARY|WARNING: ThreadSanitizer|thread .* panicked)'
     rc=${PIPESTATUS[0]}
     n=$(sed -n 's/^test result: .* \([0-9]*\) passed;.*/\1/p' "$log" | awk '{ s += $1 } END { print s + 0 }')
