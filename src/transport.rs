@@ -91,6 +91,30 @@ fn set_timeouts(fd: &OwnedFd, t: Option<Duration>) -> Result<()> {
     Ok(())
 }
 
+/// `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket, for tests.
+#[cfg(test)]
+pub(crate) fn socket_timeouts(fd: RawFd) -> [Duration; 2] {
+    [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
+        let mut tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        };
+        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        // SAFETY: tv and len are valid out-pointers of the right size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &mut tv as *mut libc::timeval as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
+    })
+}
+
 /// A listening UNIX socket bound to a path; the path is removed on drop.
 #[derive(Debug)]
 pub struct Listener {
@@ -1165,28 +1189,6 @@ mod tests {
         }
     }
 
-    fn timeouts_of(fd: &OwnedFd) -> [Duration; 2] {
-        [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
-            let mut tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            };
-            let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-            // SAFETY: tv and len are valid out-pointers of the right size.
-            let r = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    &mut tv as *mut libc::timeval as *mut libc::c_void,
-                    &mut len,
-                )
-            };
-            assert_eq!(r, 0);
-            Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
-        })
-    }
-
     #[test]
     fn socket_timeouts_round_up_and_none_clears_them() {
         // The kernel keeps socket timeouts in scheduler ticks (1 to 10 ms),
@@ -1199,12 +1201,12 @@ mod tests {
             (Some(Duration::ZERO), Duration::ZERO),
         ] {
             set_timeouts(&a, t).unwrap();
-            assert_eq!(timeouts_of(&a), [want; 2], "{t:?}");
+            assert_eq!(socket_timeouts(a.as_raw_fd()), [want; 2], "{t:?}");
         }
         // Under a microsecond is not "no timeout" (a zero timeval).
         for ns in [1, 999, 1500] {
             set_timeouts(&a, Some(Duration::from_nanos(ns))).unwrap();
-            for got in timeouts_of(&a) {
+            for got in socket_timeouts(a.as_raw_fd()) {
                 assert!(
                     got > Duration::ZERO && got <= Duration::from_millis(10),
                     "{ns} ns: {got:?}"
@@ -1213,10 +1215,16 @@ mod tests {
         }
         let c = Conn::with_stall_timeout(a, Some(Duration::from_millis(40))).unwrap();
         assert!(c.stall_resets);
-        assert_eq!(timeouts_of(&c.fd), [Duration::from_millis(40); 2]);
+        assert_eq!(
+            socket_timeouts(c.fd.as_raw_fd()),
+            [Duration::from_millis(40); 2]
+        );
         c.set_stall_timeout(Some(Duration::from_millis(80)))
             .unwrap();
-        assert_eq!(timeouts_of(&c.fd), [Duration::from_millis(80); 2]);
+        assert_eq!(
+            socket_timeouts(c.fd.as_raw_fd()),
+            [Duration::from_millis(80); 2]
+        );
     }
 
     #[test]
@@ -1226,23 +1234,7 @@ mod tests {
         let _c = std::os::unix::net::UnixStream::connect(&dir).unwrap();
         let conn = l.accept().unwrap();
         assert!(conn.stall_resets);
-        let mut tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        };
-        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-        // SAFETY: tv and len are valid out-pointers of the right size.
-        let r = unsafe {
-            libc::getsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDTIMEO,
-                &mut tv as *mut libc::timeval as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        assert_eq!(tv.tv_sec as u64, CLIENT_STALL_TIMEOUT.as_secs());
+        assert_eq!(socket_timeouts(conn.as_raw_fd()), [CLIENT_STALL_TIMEOUT; 2]);
     }
 
     impl Conn {

@@ -849,6 +849,7 @@ impl Drop for Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::socket_timeouts;
     use std::time::Instant;
 
     fn sock(tag: &str) -> PathBuf {
@@ -937,29 +938,6 @@ mod tests {
         let blocking = Context::create(sock("blk"), false).unwrap();
         blocking.realize().unwrap();
         assert_eq!(blocking.run_ready(8), Err(Errno::EINVAL));
-    }
-
-    /// `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket.
-    fn socket_timeouts(fd: RawFd) -> [Duration; 2] {
-        [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
-            let mut tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            };
-            let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-            // SAFETY: tv and len are valid out-pointers of the right size.
-            let r = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    &mut tv as *mut libc::timeval as *mut libc::c_void,
-                    &mut len,
-                )
-            };
-            assert_eq!(r, 0);
-            Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
-        })
     }
 
     #[test]
