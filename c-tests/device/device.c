@@ -292,3 +292,42 @@ device_destroy(struct test_device *d)
     free(d->bar2);
     d->bar2 = NULL;
 }
+
+pid_t
+device_test_start(const char *name, char *path, size_t len,
+                  struct device_server_args *args, void (*server)(void *))
+{
+    pid_t pid;
+
+    t_init(name);
+    t_socket_path(path, len, name);
+    args->path = path;
+    args->memfd = device_make_memfd();
+    if (args->memfd < 0) {
+        t_fail("memfd", "%s", strerror(errno));
+        return -1;
+    }
+    pid = t_fork(server, args);
+    if (pid < 0) {
+        t_fail("fork", "%s", strerror(errno));
+        return -1;
+    }
+    return pid;
+}
+
+void
+device_serve_one_client(void *arg)
+{
+    struct device_server_args *a = arg;
+    static struct test_device dev;
+    int ret, err;
+
+    if (device_setup(&dev, a->path, a->memfd) < 0) {
+        return;
+    }
+    ret = device_serve_one(&dev);
+    err = errno;
+    t_check("server-run-ends-enotconn", ret == -1 && err == ENOTCONN,
+            "ret %d errno %d (%s)", ret, err, strerror(err));
+    device_destroy(&dev);
+}

@@ -102,6 +102,29 @@ void device_destroy(struct test_device *d);
 /* Creates a memfd of DEV_BAR0_FILE_SIZE bytes for BAR0; -1 on error. */
 int device_make_memfd(void);
 
+/* What the server child of a device test gets: the socket path and the
+ * BAR0 memfd. */
+struct device_server_args {
+    const char *path;
+    int memfd;
+};
+
+/*
+ * The common start of a device test: t_init(name), a socket path named
+ * after the test in path (len bytes), the BAR0 memfd in args->memfd, and a
+ * child forked to run server(args). Returns the child's pid, or -1 after
+ * reporting what failed.
+ */
+pid_t device_test_start(const char *name, char *path, size_t len,
+                        struct device_server_args *args, void (*server)(void *));
+
+/*
+ * A server child for device_test_start(): sets the device up on args (a
+ * struct device_server_args), serves one client, checks that the run ends
+ * with ENOTCONN when the client leaves, and destroys the device.
+ */
+void device_serve_one_client(void *args);
+
 /* Optional log callback printing to stderr (when VFU_TEST_LOG is set). */
 void device_log(vfu_ctx_t *ctx, int level, const char *msg);
 

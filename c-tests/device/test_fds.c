@@ -20,15 +20,10 @@
 #include "client.h"
 #include "device.h"
 
-struct server_args {
-    const char *path;
-    int memfd;
-};
-
 static void
 server_main(void *arg)
 {
-    struct server_args *a = arg;
+    struct device_server_args *a = arg;
     static struct test_device dev;
     int before_create, after_setup, n, ret, err;
 
@@ -140,7 +135,7 @@ main(void)
     struct vfio_user_region_access oob = {
         .offset = DEV_BAR1_SIZE, .region = VFU_PCI_DEV_BAR1_REGION_IDX, .count = 4,
     };
-    struct server_args args;
+    struct device_server_args args;
     uint8_t body[64] = { 0 };
     char path[108];
     int base, i, client_before;

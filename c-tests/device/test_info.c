@@ -18,28 +18,6 @@
 #include "client.h"
 #include "device.h"
 
-struct server_args {
-    const char *path;
-    int memfd;
-};
-
-static void
-server_main(void *arg)
-{
-    struct server_args *a = arg;
-    static struct test_device dev;
-    int ret, err;
-
-    if (device_setup(&dev, a->path, a->memfd) < 0) {
-        return;
-    }
-    ret = device_serve_one(&dev);
-    err = errno;
-    t_check("server-run-ends-enotconn", ret == -1 && err == ENOTCONN,
-            "ret %d errno %d (%s)", ret, err, strerror(err));
-    device_destroy(&dev);
-}
-
 static void
 check_device_info(int sock)
 {
@@ -328,22 +306,13 @@ check_irq_info(int sock)
 int
 main(void)
 {
-    struct server_args args;
+    struct device_server_args args;
     char path[108];
     pid_t pid;
     int sock;
 
-    t_init("info");
-    t_socket_path(path, sizeof(path), "info");
-    args.path = path;
-    args.memfd = device_make_memfd();
-    if (args.memfd < 0) {
-        t_fail("memfd", "%s", strerror(errno));
-        return t_status();
-    }
-    pid = t_fork(server_main, &args);
+    pid = device_test_start("info", path, sizeof(path), &args, device_serve_one_client);
     if (pid < 0) {
-        t_fail("fork", "%s", strerror(errno));
         return t_status();
     }
 

@@ -38,15 +38,10 @@ static const enum outcome expected[] = {
 };
 #define NR_CONNECTIONS (sizeof(expected) / sizeof(expected[0]))
 
-struct server_args {
-    const char *path;
-    int memfd;
-};
-
 static void
 server_main(void *arg)
 {
-    struct server_args *a = arg;
+    struct device_server_args *a = arg;
     static struct test_device dev;
     size_t i;
 
@@ -234,24 +229,15 @@ int
 main(void)
 {
     struct vfio_user_device_info info = { .argsz = sizeof(info) };
-    struct server_args args;
+    struct device_server_args args;
     uint8_t body[256];
     char path[108];
     size_t len;
     pid_t pid;
     int fd;
 
-    t_init("negotiate");
-    t_socket_path(path, sizeof(path), "negotiate");
-    args.path = path;
-    args.memfd = device_make_memfd();
-    if (args.memfd < 0) {
-        t_fail("memfd", "%s", strerror(errno));
-        return t_status();
-    }
-    pid = t_fork(server_main, &args);
+    pid = device_test_start("negotiate", path, sizeof(path), &args, server_main);
     if (pid < 0) {
-        t_fail("fork", "%s", strerror(errno));
         return t_status();
     }
 

@@ -19,15 +19,10 @@
 
 #define CFG VFU_PCI_DEV_CFG_REGION_IDX
 
-struct server_args {
-    const char *path;
-    int memfd;
-};
-
 static void
 server_main(void *arg)
 {
-    struct server_args *a = arg;
+    struct device_server_args *a = arg;
     static struct test_device dev;
     vfu_pci_config_space_t *cfg;
     int ret, err;
@@ -340,21 +335,12 @@ check_capabilities(void)
 int
 main(void)
 {
-    struct server_args args;
+    struct device_server_args args;
     char path[108];
     pid_t pid;
 
-    t_init("region");
-    t_socket_path(path, sizeof(path), "region");
-    args.path = path;
-    args.memfd = device_make_memfd();
-    if (args.memfd < 0) {
-        t_fail("memfd", "%s", strerror(errno));
-        return t_status();
-    }
-    pid = t_fork(server_main, &args);
+    pid = device_test_start("region", path, sizeof(path), &args, server_main);
     if (pid < 0) {
-        t_fail("fork", "%s", strerror(errno));
         return t_status();
     }
 

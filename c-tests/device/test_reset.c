@@ -16,11 +16,6 @@
 #include "client.h"
 #include "device.h"
 
-struct server_args {
-    const char *path;
-    int memfd;
-};
-
 static const char *
 reset_name(int type)
 {
@@ -60,7 +55,7 @@ server_main(void *arg)
         VFU_RESET_DEVICE, VFU_RESET_DEVICE, VFU_RESET_DEVICE, VFU_RESET_LOST_CONN,
         VFU_RESET_LOST_CONN,
     };
-    struct server_args *a = arg;
+    struct device_server_args *a = arg;
     static struct test_device dev;
     size_t before;
     int ret, err;
@@ -206,21 +201,12 @@ third_connection(const char *path)
 int
 main(void)
 {
-    struct server_args args;
+    struct device_server_args args;
     char path[108];
     pid_t pid;
 
-    t_init("reset");
-    t_socket_path(path, sizeof(path), "reset");
-    args.path = path;
-    args.memfd = device_make_memfd();
-    if (args.memfd < 0) {
-        t_fail("memfd", "%s", strerror(errno));
-        return t_status();
-    }
-    pid = t_fork(server_main, &args);
+    pid = device_test_start("reset", path, sizeof(path), &args, server_main);
     if (pid < 0) {
-        t_fail("fork", "%s", strerror(errno));
         return t_status();
     }
     first_connection(path);
