@@ -6,15 +6,21 @@
 //! Design:
 //!
 //! * Regions live in a `RegionTable` (`dma_table.rs`: ordered by first
-//!   IOVA, with a page hash for small regions), behind an `RwLock`. Map/unmap take the write lock; everything on the I/O path
-//!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) only
-//!   takes the read lock, so device threads run concurrently with each other.
-//! * Each thread keeps a small direct-mapped cache of the regions it
-//!   translated into (a software TLB, 1 Ki entries, allocated on first use),
-//!   each entry tagged with a process-wide unique "generation" of the region
-//!   table. Removing a region starts a new generation; adding one does not
-//!   (it overlaps nothing, so no cached translation becomes false). A
-//!   translation that hits the cache takes no lock and walks no tree.
+//!   IOVA, with a page hash for small regions), behind an `RwLock`.
+//!   Map/unmap take the write lock; the I/O paths that miss the cache below
+//!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) take
+//!   the read lock, so device threads run concurrently with each other.
+//! * Each thread keeps a direct-mapped cache of the regions it translated
+//!   into (a software TLB: 2 Ki entries of one cache line each, 128 KiB,
+//!   allocated on the thread's first translation), each entry tagged with a
+//!   process-wide unique "generation" of the region table. Removing a region
+//!   starts a new generation; adding one does not (it overlaps nothing, so
+//!   no cached translation becomes false). A translation, `sgl_get` or a
+//!   direct `sg_read`/`sg_write` that hits the cache takes no lock and walks
+//!   no tree. The direct copies run inside a read-side section (`rcu.rs`):
+//!   plain stores to a slot of the thread's own, paired with the
+//!   `membarrier` of the thread that removes a region, which waits for
+//!   sections in progress before it unmaps anything.
 //! * A [`DmaSg`] names its region by a never-reused identifier plus the
 //!   region's start address. Every use re-validates both against the table
 //!   (an `O(log n)` lookup), so an entry for a region that was unmapped, or a
@@ -23,6 +29,7 @@
 //!   read lock and harvested with `swap`, one 64-page word at a time.
 
 use super::dma_table::{RegionTable, Span};
+use super::rcu;
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
@@ -422,6 +429,7 @@ fn new_region_id() -> usize {
 
 /// A region as a thread's translation cache remembers it.
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 struct Hint {
     generation: u64,
     start: u64,
@@ -464,17 +472,26 @@ impl Hint {
 }
 
 /// log2 of the number of entries in each thread's translation cache.
-const TLB_BITS: u32 = 10;
+const TLB_BITS: u32 = 11;
 /// Addresses in the same 4 KiB granule share a cache slot.
 const TLB_GRANULE_SHIFT: u32 = 12;
+
+/// What each thread keeps for DMA: its translation cache and its handle for
+/// entering the read-side sections of the lock-free access paths.
+struct ThreadCache {
+    hints: Box<[Cell<Hint>]>,
+    reader: rcu::Reader,
+}
 
 thread_local! {
     /// Each thread's translation cache: a direct-mapped table of the regions
     /// it translated into recently, indexed by a hash of the address's
     /// granule (a software TLB). Allocated on a thread's first translation,
     /// so threads that never do DMA pay nothing.
-    static TLB: Box<[Cell<Hint>]> =
-        vec![Cell::new(Hint::EMPTY); 1 << TLB_BITS].into_boxed_slice();
+    static TLB: ThreadCache = ThreadCache {
+        hints: vec![Cell::new(Hint::EMPTY); 1 << TLB_BITS].into_boxed_slice(),
+        reader: rcu::Reader::new(),
+    };
 }
 
 fn tlb_slot(iova: u64) -> usize {
@@ -486,13 +503,13 @@ fn tlb_slot(iova: u64) -> usize {
 /// The cached region for `iova`'s slot (possibly stale or another address's:
 /// the caller checks the generation and the range).
 fn tlb_get(iova: u64) -> Hint {
-    TLB.try_with(|t| t[tlb_slot(iova)].get())
+    TLB.try_with(|t| t.hints[tlb_slot(iova)].get())
         .unwrap_or(Hint::EMPTY)
 }
 
 fn tlb_set(iova: u64, hint: Hint) {
     // During thread teardown the cache may be gone: then nothing is cached.
-    let _ = TLB.try_with(|t| t[tlb_slot(iova)].set(hint));
+    let _ = TLB.try_with(|t| t.hints[tlb_slot(iova)].set(hint));
 }
 
 struct Inner {
@@ -762,7 +779,9 @@ impl DmaController {
             self.bump_generation();
             region
         };
-        // Unmapped here, outside the lock: nobody can reach it any more.
+        // Unmapped here, outside the lock, once no lock-free access that
+        // might still use it is in progress: nobody can reach it any more.
+        rcu::synchronize();
         let info = region.info();
         drop(region);
         Ok(info)
@@ -776,6 +795,7 @@ impl DmaController {
             self.bump_generation();
             regions
         };
+        rcu::synchronize();
         regions.iter().map(|r| r.info()).collect()
     }
 
@@ -860,6 +880,24 @@ impl DmaController {
     pub fn sgl_get(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
+        }
+        // Without the lock when this thread's cache knows every entry: that
+        // only computes addresses, touching neither the table nor a region.
+        let mut all_cached = true;
+        for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
+            match self.cached_mapping(sg) {
+                Some(m) => {
+                    out.iov_base = m?.0 as *mut c_void;
+                    out.iov_len = sg.length as usize;
+                }
+                None => {
+                    all_cached = false;
+                    break;
+                }
+            }
+        }
+        if all_cached {
+            return Ok(());
         }
         let inner = self.table();
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
@@ -963,24 +1001,21 @@ impl DmaController {
     /// The read half of [`Self::sg_access`].
     pub fn sg_read(&self, sg: &DmaSg, buf: &mut [u8], direct: bool) -> Result<bool> {
         let n = self.check_buf(sg, buf.len())?;
-        let inner = self.table();
         if direct {
-            // The usual case: the entry was just made by this thread's
-            // addr_to_sgl, so its cache knows the mapping.
-            if let Some(m) = self.cached_mapping(sg) {
-                let (src, prot) = m?;
-                if prot & libc::PROT_READ == 0 {
-                    return Err(Errno::EACCES);
-                }
-                // SAFETY: `cached_mapping` found the region mapped at the
-                // cached address and the entry's range inside it; the region
-                // stays mapped while we hold the read lock (`inner`); `buf`
-                // has at least `n` bytes. `copy` tolerates overlap.
-                unsafe { std::ptr::copy(src as *const u8, buf.as_mut_ptr(), n) };
-                drop(inner);
-                return Ok(true);
+            let dst = buf.as_mut_ptr();
+            let done = self.with_cached_mapping(sg, libc::PROT_READ, |src| {
+                // SAFETY: `with_cached_mapping` runs this inside a read-side
+                // section, with the region mapped readable at `src` for the
+                // entry's `n` bytes and no unmapping possible until the
+                // section ends; `buf` has at least `n` bytes. `copy`
+                // tolerates a buffer that itself lies in guest memory.
+                unsafe { std::ptr::copy(src, dst, n) }
+            });
+            if let Some(done) = done {
+                return done.map(|()| true);
             }
         }
+        let inner = self.table();
         let region = self.resolve_cached(&inner, sg)?;
         if !direct {
             return Ok(false);
@@ -1015,6 +1050,17 @@ impl DmaController {
             return Err(Errno::EPERM);
         }
         let n = self.check_buf(sg, buf.len())?;
+        if direct {
+            let src = buf.as_ptr();
+            let done = self.with_cached_mapping(sg, libc::PROT_WRITE, |dst| {
+                // SAFETY: as in `sg_read`, with the region mapped writable
+                // (and not logging, so there is nothing to mark dirty).
+                unsafe { std::ptr::copy(src, dst, n) }
+            });
+            if let Some(done) = done {
+                return done.map(|()| true);
+            }
+        }
         let inner = self.table();
         let region = self.resolve_cached(&inner, sg)?;
         if !direct {
@@ -1068,6 +1114,57 @@ impl DmaController {
     fn cached_mapping(&self, sg: &DmaSg) -> Option<Result<(usize, i32)>> {
         let h = self.cached(sg).filter(|h| h.vaddr != 0)?;
         Some(check_range(h.len, h.prot, sg).map(|()| (h.vaddr + sg.offset as usize, h.prot)))
+    }
+
+    /// The lock-free path of direct access: when this thread's translation
+    /// cache knows `sg`'s region, current and mapped, runs `copy` with the
+    /// local address of the entry's first byte inside a read-side section
+    /// (so the memory cannot be unmapped under it) and returns `Some(Ok)`.
+    /// `Some(Err)` for an entry the region refuses (range, or `need`, the
+    /// protection the access needs); `None` when the cache cannot tell, or
+    /// for a write while dirty pages are logged: then the caller takes the
+    /// locked path.
+    #[inline]
+    fn with_cached_mapping(
+        &self,
+        sg: &DmaSg,
+        need: i32,
+        copy: impl FnOnce(*mut u8),
+    ) -> Option<Result<()>> {
+        TLB.try_with(|t| {
+            let h = t.hints[tlb_slot(sg.iova())].get();
+            let generation = self.generation.load(Ordering::Acquire);
+            if h.generation == 0
+                || h.generation != generation
+                || sg.region == 0
+                || h.id != sg.region
+                || h.start != sg.dma_addr as usize as u64
+                || h.vaddr == 0
+            {
+                return None;
+            }
+            if let Err(e) = check_range(h.len, h.prot, sg) {
+                return Some(Err(e));
+            }
+            if h.prot & need == 0 {
+                return Some(Err(Errno::EACCES));
+            }
+            let addr = (h.vaddr + sg.offset as usize) as *mut u8;
+            let _section = t.reader.enter();
+            // Checked again inside the section: a removal (or logging start)
+            // published before now is seen here, or waits for this section
+            // to end before it unmaps anything (`rcu::synchronize`).
+            if self.generation.load(Ordering::Relaxed) != generation
+                || (need & libc::PROT_WRITE != 0
+                    && self.logging_page_size.load(Ordering::Relaxed) != 0)
+            {
+                return None;
+            }
+            copy(addr);
+            Some(Ok(()))
+        })
+        .ok()
+        .flatten()
     }
 
     /// [`resolve`], answered from this thread's translation cache when it
@@ -1129,6 +1226,10 @@ impl DmaController {
         }
         inner.dirty_page_size = page_size;
         self.logging_page_size.store(page_size, Ordering::Release);
+        drop(inner);
+        // Lock-free writes that began before logging are over when this
+        // returns; later ones see it on and take the path that marks pages.
+        rcu::synchronize();
         Ok(())
     }
 
@@ -2639,6 +2740,71 @@ mod tests {
             assert_eq!(buf, [7; 8]);
             assert!(dma.sg_read(&sb, &mut buf, true).unwrap());
             assert_eq!(buf, [0; 8]);
+        }
+    }
+
+    #[test]
+    fn lock_free_access_races_unmap() {
+        // Threads read and write a region through their translation caches
+        // (the lock-free path) while this thread unmaps it and maps a new
+        // file at the same address, over and over. Unmapping must wait for
+        // copies in progress (else: SIGSEGV, or a copy landing in whatever
+        // the kernel maps there next), and every read must see one file's
+        // bytes, whole. Each thread keeps to its own half of the region, so
+        // that any race ThreadSanitizer sees is the library's.
+        const LEN: u64 = 16 * PAGE;
+        const HALF: u64 = LEN / 2;
+        const IOVA: u64 = 0x4000_0000;
+        let dma = Arc::new(DmaController::new(16));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for t in 0..2u64 {
+            let (dma, stop, hits) = (Arc::clone(&dma), Arc::clone(&stop), Arc::clone(&hits));
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; HALF as usize];
+                let mut sgl = [DmaSg::default()];
+                let iova = IOVA + t * HALF;
+                while !stop.load(Ordering::Relaxed) {
+                    if dma.addr_to_sgl(iova, HALF, &mut sgl, PROT_RW) != Ok(1) {
+                        continue;
+                    }
+                    if let Ok(true) = dma.sg_read(&sgl[0], &mut buf, true) {
+                        let first = buf[0];
+                        assert_ne!(first, 0, "read a region that was never filled");
+                        assert!(buf.iter().all(|&b| b == first), "torn read");
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        if t == 1 {
+                            // Write back what was read: the next read of
+                            // this region still sees one byte throughout.
+                            if let Ok(true) = dma.sg_write(&sgl[0], &buf, true) {
+                                hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let start = Instant::now();
+        let mut round = 0u8;
+        while start.elapsed() < std::time::Duration::from_millis(400)
+            || hits.load(Ordering::Relaxed) < 200
+        {
+            round = round % 250 + 1;
+            let fd = memfd(LEN);
+            pwrite_file(&fd, 0, &vec![round; LEN as usize]);
+            dma.add_region(IOVA, LEN, Some(fd), 0, PROT_RW, false)
+                .unwrap();
+            std::thread::yield_now();
+            dma.remove_region(IOVA, LEN).unwrap();
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "readers made no progress"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
         }
     }
 

@@ -19,6 +19,7 @@ pub mod irq;
 pub mod migration;
 pub mod pci;
 pub mod pci_caps;
+mod rcu;
 pub mod region;
 
 use std::cell::{Cell, OnceCell, RefCell};
