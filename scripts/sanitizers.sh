@@ -106,6 +106,7 @@ MIRI_MODULES=(
     device::migration::
     device::pci::
     device::pci_caps::
+    device::rcu::
     device::region::
 )
 MIRI_NAMED=(
