@@ -10,10 +10,10 @@
 //!   Map/unmap take the write lock; the I/O paths that miss the cache below
 //!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) take
 //!   the read lock, so device threads run concurrently with each other.
-//! * Each thread keeps a direct-mapped cache of the regions it translated
-//!   into (a software TLB: 2 Ki entries of one cache line each, 128 KiB,
-//!   allocated on the thread's first translation), each entry tagged with a
-//!   process-wide unique "generation" of the region table. Removing a region
+//! * Each thread keeps a two-way set-associative cache of the regions it
+//!   translated into (a software TLB: 1 Ki sets of two one-line entries,
+//!   128 KiB, allocated on the thread's first translation), each entry
+//!   tagged with a process-wide unique "generation" of the region table. Removing a region
 //!   starts a new generation; adding one does not (it overlaps nothing, so
 //!   no cached translation becomes false). A translation, `sgl_get` or a
 //!   direct `sg_read`/`sg_write` that hits the cache takes no lock and walks
@@ -471,45 +471,80 @@ impl Hint {
     }
 }
 
-/// log2 of the number of entries in each thread's translation cache.
-const TLB_BITS: u32 = 11;
-/// Addresses in the same 4 KiB granule share a cache slot.
+/// log2 of the number of sets in each thread's translation cache.
+const TLB_SET_BITS: u32 = 10;
+/// Addresses in the same 4 KiB granule share a cache set.
 const TLB_GRANULE_SHIFT: u32 = 12;
+
+/// One set of the translation cache: two entries, the most recently filled
+/// first, in two adjacent cache lines.
+#[repr(C, align(128))]
+struct TlbSet([Cell<Hint>; 2]);
 
 /// What each thread keeps for DMA: its translation cache and its handle for
 /// entering the read-side sections of the lock-free access paths.
 struct ThreadCache {
-    hints: Box<[Cell<Hint>]>,
+    sets: Box<[TlbSet]>,
     reader: rcu::Reader,
 }
 
 thread_local! {
-    /// Each thread's translation cache: a direct-mapped table of the regions
-    /// it translated into recently, indexed by a hash of the address's
-    /// granule (a software TLB). Allocated on a thread's first translation,
-    /// so threads that never do DMA pay nothing.
+    /// Each thread's translation cache: a two-way set-associative table of
+    /// the regions it translated into recently, indexed by a hash of the
+    /// address's granule (a software TLB). Allocated on a thread's first
+    /// translation, so threads that never do DMA pay nothing.
     static TLB: ThreadCache = ThreadCache {
-        hints: vec![Cell::new(Hint::EMPTY); 1 << TLB_BITS].into_boxed_slice(),
+        sets: (0..1usize << TLB_SET_BITS)
+            .map(|_| TlbSet([Cell::new(Hint::EMPTY), Cell::new(Hint::EMPTY)]))
+            .collect(),
         reader: rcu::Reader::new(),
     };
 }
 
-fn tlb_slot(iova: u64) -> usize {
+fn tlb_set_index(iova: u64) -> usize {
     // Fibonacci hashing: regions laid out with any power-of-two stride still
     // spread over the whole table.
-    ((iova >> TLB_GRANULE_SHIFT).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TLB_BITS)) as usize
+    ((iova >> TLB_GRANULE_SHIFT).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - TLB_SET_BITS))
+        as usize
 }
 
-/// The cached region for `iova`'s slot (possibly stale or another address's:
-/// the caller checks the generation and the range).
-fn tlb_get(iova: u64) -> Hint {
-    TLB.try_with(|t| t.hints[tlb_slot(iova)].get())
-        .unwrap_or(Hint::EMPTY)
+impl ThreadCache {
+    /// The entry of `iova`'s set that satisfies `hit`, if any. Both entries
+    /// are read before either is tested, so that their loads overlap.
+    #[inline]
+    fn find(&self, iova: u64, hit: impl Fn(&Hint) -> bool) -> Option<Hint> {
+        let set = &self.sets[tlb_set_index(iova)].0;
+        let (h0, h1) = (set[0].get(), set[1].get());
+        if hit(&h0) {
+            Some(h0)
+        } else if hit(&h1) {
+            Some(h1)
+        } else {
+            None
+        }
+    }
+
+    /// Makes `hint` the most recent entry of `iova`'s set; the older of the
+    /// two goes, unless `hint` replaces an entry for the same region.
+    fn insert(&self, iova: u64, hint: Hint) {
+        let set = &self.sets[tlb_set_index(iova)].0;
+        let first = set[0].get();
+        if first.id != hint.id || first.start != hint.start {
+            set[1].set(first);
+        }
+        set[0].set(hint);
+    }
+}
+
+/// This thread's cached region for `iova` that satisfies `hit`.
+#[inline]
+fn tlb_find(iova: u64, hit: impl Fn(&Hint) -> bool) -> Option<Hint> {
+    TLB.try_with(|t| t.find(iova, hit)).ok().flatten()
 }
 
 fn tlb_set(iova: u64, hint: Hint) {
     // During thread teardown the cache may be gone: then nothing is cached.
-    let _ = TLB.try_with(|t| t.hints[tlb_slot(iova)].set(hint));
+    let _ = TLB.try_with(|t| t.insert(iova, hint));
 }
 
 struct Inner {
@@ -572,6 +607,16 @@ fn check_range(len: u64, prot: i32, sg: &DmaSg) -> Result<()> {
         return Err(Errno::EACCES);
     }
     Ok(())
+}
+
+/// Whether the cached `h` is current (`generation`) and for the region `sg`
+/// names (a non-zero identifier, checked by the caller).
+#[inline]
+fn names_region(h: &Hint, sg: &DmaSg, generation: u64) -> bool {
+    h.generation != 0
+        && h.generation == generation
+        && h.id == sg.region
+        && h.start == sg.dma_addr as usize as u64
 }
 
 fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
@@ -822,14 +867,16 @@ impl DmaController {
         // region has been removed since.
         if len > 0 {
             if let Some(first) = sgl.first_mut() {
-                let hint = tlb_get(iova);
-                if hint.generation != 0
-                    && hint.generation == self.generation.load(Ordering::Acquire)
-                    && iova >= hint.start
-                    && iova
-                        .checked_add(len)
-                        .is_some_and(|end| end <= hint.start + hint.len)
-                {
+                let generation = self.generation.load(Ordering::Acquire);
+                let hint = tlb_find(iova, |h| {
+                    h.generation != 0
+                        && h.generation == generation
+                        && iova >= h.start
+                        && iova
+                            .checked_add(len)
+                            .is_some_and(|end| end <= h.start + h.len)
+                });
+                if let Some(hint) = hint {
                     if prot & libc::PROT_WRITE != 0 && hint.prot & libc::PROT_WRITE == 0 {
                         return Err(SglError::Errno(Errno::EACCES));
                     }
@@ -1098,13 +1145,11 @@ impl DmaController {
     /// This thread's cached translation of `sg`'s region, when current. Call
     /// with the table's read lock held.
     fn cached(&self, sg: &DmaSg) -> Option<Hint> {
-        let h = tlb_get(sg.iova());
-        (h.generation != 0
-            && sg.region != 0
-            && h.id == sg.region
-            && h.start == sg.dma_addr as usize as u64
-            && h.generation == self.generation.load(Ordering::Acquire))
-        .then_some(h)
+        if sg.region == 0 {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        tlb_find(sg.iova(), |h| names_region(h, sg, generation))
     }
 
     /// For an entry of a mapped region this thread's cache knows: the local
@@ -1132,15 +1177,12 @@ impl DmaController {
         copy: impl FnOnce(*mut u8),
     ) -> Option<Result<()>> {
         TLB.try_with(|t| {
-            let h = t.hints[tlb_slot(sg.iova())].get();
+            if sg.region == 0 {
+                return None;
+            }
             let generation = self.generation.load(Ordering::Acquire);
-            if h.generation == 0
-                || h.generation != generation
-                || sg.region == 0
-                || h.id != sg.region
-                || h.start != sg.dma_addr as usize as u64
-                || h.vaddr == 0
-            {
+            let h = t.find(sg.iova(), |h| names_region(h, sg, generation))?;
+            if h.vaddr == 0 {
                 return None;
             }
             if let Err(e) = check_range(h.len, h.prot, sg) {
@@ -2698,7 +2740,7 @@ mod tests {
     fn colliding(addr: u64) -> u64 {
         (1..)
             .map(|i| addr + i * PAGE)
-            .find(|&a| tlb_slot(a) == tlb_slot(addr))
+            .find(|&a| tlb_set_index(a) == tlb_set_index(addr))
             .unwrap()
     }
 
@@ -2718,11 +2760,19 @@ mod tests {
                 Err(SglError::Errno(Errno::ENOENT))
             );
         }
-        // Mapped later (no new generation): found, and then evicts `a`'s
-        // entry, which must still translate right afterwards.
+        // Mapped later (no new generation): found. With a third region in
+        // the same set, each translation evicts another's entry, which must
+        // still translate right afterwards.
         dma.add_region(b, PAGE, Some(memfd(PAGE)), 0, libc::PROT_READ, false)
             .unwrap();
+        let c = colliding(b);
+        assert_eq!(tlb_set_index(c), tlb_set_index(a));
+        dma.add_region(c, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
         for _ in 0..3 {
+            let sc = sg1(&dma, c + 24, 8, PROT_RW);
+            assert_eq!((sc.dma_addr as u64, sc.offset), (c, 24));
+            assert!(dma.sg_write(&sc, &[9; 8], true).unwrap());
             let sb = sg1(&dma, b + 16, 8, libc::PROT_READ);
             assert_eq!((sb.dma_addr as u64, sb.offset), (b, 16));
             assert!(!sb.writeable);
@@ -2740,6 +2790,8 @@ mod tests {
             assert_eq!(buf, [7; 8]);
             assert!(dma.sg_read(&sb, &mut buf, true).unwrap());
             assert_eq!(buf, [0; 8]);
+            assert!(dma.sg_read(&sc, &mut buf, true).unwrap());
+            assert_eq!(buf, [9; 8]);
         }
     }
 
