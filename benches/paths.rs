@@ -1163,14 +1163,26 @@ fn bench_dirty(cfg: &Cfg, rep: &mut Report) {
 /// A table of `n` one-page regions a page apart; `k` of them (evenly
 /// spread) are backed by pages of one memfd and mapped, the rest have no fd.
 /// Returns the controller and the IOVAs of the mapped ones.
-fn dma_table(n: usize, k: usize, mem: &OwnedFd) -> (DmaController, Vec<u64>) {
+/// n one-page regions a page apart, of which `k` are backed by pages of
+/// `mem`: evenly spread, or (`scatter`) at random places.
+fn dma_table(n: usize, k: usize, mem: &OwnedFd, scatter: bool) -> (DmaController, Vec<u64>) {
     let page = page_size() as u64;
     let dma = DmaController::new(n);
     let step = n / k;
+    let mut chosen = std::collections::HashSet::new();
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    while scatter && chosen.len() < k {
+        chosen.insert((xorshift(&mut seed) % n as u64) as usize);
+    }
     let mut mapped = Vec::new();
     for i in 0..n {
         let iova = i as u64 * 2 * page;
-        if i % step == 0 && mapped.len() < k {
+        let backed = if scatter {
+            chosen.contains(&i)
+        } else {
+            i % step == 0
+        };
+        if backed && mapped.len() < k {
             let fd = mem.try_clone().expect("dup");
             let off = mapped.len() as u64 * page;
             dma.add_region(
@@ -1196,6 +1208,33 @@ fn dma_table(n: usize, k: usize, mem: &OwnedFd) -> (DmaController, Vec<u64>) {
         }
     }
     (dma, mapped)
+}
+
+/// The local address of each of `iovas` (mapped one-page regions), each
+/// page touched once so that neither side of a comparison takes faults.
+fn mapped_vaddrs(dma: &DmaController, iovas: &[u64]) -> Vec<usize> {
+    let page = page_size();
+    let mut vaddrs = Vec::new();
+    for &iova in iovas {
+        let mut sg = [DmaSg::default()];
+        dma.addr_to_sgl(
+            iova,
+            page as u64,
+            &mut sg,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+        .expect("sgl");
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        dma.sgl_get(&sg, &mut iov).expect("sgl_get");
+        // Touch every page so that neither side takes page faults.
+        // SAFETY: the region is mapped read/write for a page.
+        unsafe { std::ptr::write_bytes(iov[0].iov_base as *mut u8, 0x11, page) };
+        vaddrs.push(iov[0].iov_base as usize);
+    }
+    vaddrs
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -1285,27 +1324,8 @@ fn bench_dma_lookup(cfg: &Cfg, rep: &mut Report) {
     let mut cold_gp = Vec::new();
     let mut warm_gp = Vec::new();
     for &n in &sizes {
-        let (dma, iovas) = dma_table(n, K, &mem);
-        let mut vaddrs = Vec::new();
-        for &iova in &iovas {
-            let mut sg = [DmaSg::default()];
-            dma.addr_to_sgl(
-                iova,
-                page as u64,
-                &mut sg,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-            .expect("sgl");
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }];
-            dma.sgl_get(&sg, &mut iov).expect("sgl_get");
-            // Touch every page so that neither side takes page faults.
-            // SAFETY: the region is mapped read/write for a page.
-            unsafe { std::ptr::write_bytes(iov[0].iov_base as *mut u8, 0x11, page) };
-            vaddrs.push(iov[0].iov_base as usize);
-        }
+        let (dma, iovas) = dma_table(n, K, &mem, false);
+        let vaddrs = mapped_vaddrs(&dma, &iovas);
         let label = match n {
             1024 => "1 Ki",
             65536 => "64 Ki",
@@ -1335,6 +1355,19 @@ fn bench_dma_lookup(cfg: &Cfg, rep: &mut Report) {
                 &format!("addr_to_sgl+sg_read 4 KiB, {label} regions, same region"),
                 res,
                 t,
+            );
+            // The mapped regions at random places instead of evenly spread:
+            // their addresses collide in the translation cache as random
+            // keys do (evenly spread ones hash without collisions).
+            let (sdma, siovas) = dma_table(n, K, &mem, true);
+            let svaddrs = mapped_vaddrs(&sdma, &siovas);
+            let res = read_vs_memcpy(cfg, &sdma, &siovas, &svaddrs, &cold);
+            rep.cmp(
+                &format!(
+                    "addr_to_sgl+sg_read 4 KiB, {label} regions, random region, scattered layout"
+                ),
+                res,
+                Target::None,
             );
         }
         // The lookup structure itself: translations of random regions out
@@ -1474,7 +1507,7 @@ fn bench_memory(cfg: &Cfg, rep: &mut Report) {
     let k = 1024;
     let mem = memfd("bench-mem", k as u64 * page);
     let before = live_bytes();
-    let (dma, _) = dma_table(k, k, &mem);
+    let (dma, _) = dma_table(k, k, &mem, false);
     let after = live_bytes();
     drop(dma);
     rep.row(
