@@ -1423,6 +1423,59 @@ fn bench_dma_lookup(cfg: &Cfg, rep: &mut Report) {
     }
 }
 
+/// `ops` translations and 64-byte direct reads of `iova`.
+fn read_small(dma: &DmaController, iova: u64, ops: u64) {
+    let mut buf = [0u8; 64];
+    let mut sg = [DmaSg::default()];
+    for _ in 0..ops {
+        dma.addr_to_sgl(black_box(iova), 64, &mut sg, libc::PROT_READ)
+            .expect("sgl");
+        assert!(dma.sg_read(&sg[0], &mut buf, true).expect("read"));
+        black_box(&mut buf);
+    }
+}
+
+fn bench_dma_threads(cfg: &Cfg, rep: &mut Report) {
+    // Device threads doing DMA at the same time, each on a CPU of its own:
+    // the cost per access per thread with two threads against one. 1.0x
+    // is perfect scaling; a lock word shared by the threads shows up here.
+    let Some(top) = highest_allowed_cpu().filter(|&c| c >= 1) else {
+        rep.row(
+            "addr_to_sgl+sg_read 64 B: 2 threads on 2 CPUs vs 1 thread",
+            "skipped: one CPU".into(),
+            "-".into(),
+            None,
+            Target::None,
+        );
+        return;
+    };
+    let page = page_size() as u64;
+    let dma = DmaController::new(4);
+    let mem = memfd("bench-threads", 4 * page);
+    dma.add_region(1 << 30, 4 * page, Some(mem), 0, libc::PROT_READ, false)
+        .expect("region");
+    let cpus = [top - 1, top];
+    let mut one = |ops: u64| read_small(&dma, 1 << 30, ops);
+    let mut two = |ops: u64| {
+        std::thread::scope(|s| {
+            for (t, &cpu) in cpus.iter().enumerate() {
+                let dma = &dma;
+                s.spawn(move || {
+                    let _ = pin_to(cpu);
+                    // Each thread its own page of the region.
+                    read_small(dma, (1 << 30) + 2 * t as u64 * page, ops);
+                });
+            }
+        });
+    };
+    let res = compare(cfg, &mut one, &mut two);
+    rep.cmp(
+        "addr_to_sgl+sg_read 64 B, per access per thread: 2 threads on 2 CPUs vs 1 thread",
+        res,
+        Target::None,
+    );
+}
+
 fn bench_memory(cfg: &Cfg, rep: &mut Report) {
     // One context: created, PCI config space, BAR0 callback, DMA and
     // migration set up, realized (device memory excluded: the BAR0 backing
@@ -1566,10 +1619,11 @@ fn main() {
         "path", "cost", "floor", "ratio", "target", ""
     );
     let mut rep = Report { rows: Vec::new() };
-    let sections: [(&str, Section); 6] = [
+    let sections: [(&str, Section); 7] = [
         ("region", bench_region),
         ("map", bench_dma_map),
         ("lookup", bench_dma_lookup),
+        ("threads", bench_dma_threads),
         ("migration", bench_migration),
         ("dirty", bench_dirty),
         ("memory", bench_memory),
