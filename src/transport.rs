@@ -551,6 +551,9 @@ impl Conn {
             flags |= libc::MSG_DONTWAIT;
         }
         let n = loop {
+            // A retry starts from the whole control buffer again.
+            msg.msg_controllen = CMSG_BUF_LEN as _;
+            msg.msg_flags = 0;
             // SAFETY: msg points at live buffers of the stated sizes.
             let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, flags) };
             if n >= 0 {
