@@ -95,8 +95,9 @@ fn set_send_timeout(fd: &OwnedFd, t: Option<Duration>) -> Result<()> {
     Ok(())
 }
 
-/// The `SO_RCVTIMEO` a caller set on a socket, if any.
-fn receive_timeout_of(fd: &OwnedFd) -> Option<Duration> {
+/// A socket timeout option (`SO_SNDTIMEO`, `SO_RCVTIMEO`) of `fd`; `None`
+/// when it cannot be read.
+fn socket_timeout(fd: RawFd, opt: libc::c_int) -> Option<Duration> {
     let mut tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 0,
@@ -105,45 +106,31 @@ fn receive_timeout_of(fd: &OwnedFd) -> Option<Duration> {
     // SAFETY: tv and len are valid out pointers of the stated size.
     let r = unsafe {
         libc::getsockopt(
-            fd.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
+            opt,
             &mut tv as *mut libc::timeval as *mut libc::c_void,
             &mut len,
         )
     };
-    if r != 0 {
-        return None;
-    }
-    let t = Duration::new(
-        tv.tv_sec.max(0) as u64,
-        (tv.tv_usec.max(0) as u32).saturating_mul(1000),
-    );
-    (!t.is_zero()).then_some(t)
+    (r == 0).then(|| {
+        Duration::new(
+            tv.tv_sec.max(0) as u64,
+            (tv.tv_usec.max(0) as u32).saturating_mul(1000),
+        )
+    })
+}
+
+/// The `SO_RCVTIMEO` a caller set on a socket, if any.
+fn receive_timeout_of(fd: &OwnedFd) -> Option<Duration> {
+    socket_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO).filter(|t| !t.is_zero())
 }
 
 /// `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket, for tests.
 #[cfg(test)]
 pub(crate) fn socket_timeouts(fd: RawFd) -> [Duration; 2] {
-    [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO].map(|opt| {
-        let mut tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        };
-        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-        // SAFETY: tv and len are valid out-pointers of the right size.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &mut tv as *mut libc::timeval as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000)
-    })
+    [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO]
+        .map(|opt| socket_timeout(fd, opt).expect("getsockopt of a socket timeout"))
 }
 
 /// A listening UNIX socket bound to a path; the path is removed on drop.
