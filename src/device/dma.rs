@@ -13,9 +13,9 @@
 //! * Each thread keeps a two-way set-associative cache of the regions it
 //!   translated into (a software TLB: 1 Ki sets of two one-line entries,
 //!   128 KiB, allocated on the thread's first translation), each entry
-//!   tagged with a process-wide unique "generation" of the region table. Removing a region
-//!   starts a new generation; adding one does not (it overlaps nothing, so
-//!   no cached translation becomes false). A translation, `sgl_get` or a
+//!   tagged with a process-wide unique "generation" of the region table.
+//!   Removing a region starts a new generation; adding one does not (it
+//!   overlaps nothing, so no cached translation becomes false). A translation, `sgl_get` or a
 //!   direct `sg_read`/`sg_write` that hits the cache takes no lock and walks
 //!   no tree. The direct copies run inside a read-side section (`rcu.rs`):
 //!   plain stores to a slot of the thread's own, paired with the
@@ -928,31 +928,23 @@ impl DmaController {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
         }
-        // Without the lock when this thread's cache knows every entry: that
-        // only computes addresses, touching neither the table nor a region.
-        let mut all_cached = true;
+        // Entries this thread's cache knows are answered without the lock:
+        // that only computes addresses, touching neither the table nor a
+        // region. The lock is taken from the first entry it does not know.
+        let mut known = 0;
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-            match self.cached_mapping(sg) {
-                Some(m) => {
-                    out.iov_base = m?.0 as *mut c_void;
-                    out.iov_len = sg.length as usize;
-                }
-                None => {
-                    all_cached = false;
-                    break;
-                }
-            }
+            let Some(m) = self.cached_mapping(sg) else {
+                break;
+            };
+            out.iov_base = m?.0 as *mut c_void;
+            out.iov_len = sg.length as usize;
+            known += 1;
         }
-        if all_cached {
+        if known == sgl.len() {
             return Ok(());
         }
         let inner = self.table();
-        for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-            if let Some(m) = self.cached_mapping(sg) {
-                out.iov_base = m?.0 as *mut c_void;
-                out.iov_len = sg.length as usize;
-                continue;
-            }
+        for (sg, out) in sgl[known..].iter().zip(iov[known..].iter_mut()) {
             let region = self.resolve_cached(&inner, sg)?;
             if region.mode != AccessMode::Mmap {
                 return Err(Errno::EFAULT);
@@ -1145,20 +1137,38 @@ impl DmaController {
     /// This thread's cached translation of `sg`'s region, when current. Call
     /// with the table's read lock held.
     fn cached(&self, sg: &DmaSg) -> Option<Hint> {
+        TLB.try_with(|t| self.cached_in(t, sg)).ok().flatten()
+    }
+
+    /// [`Self::cached`] in the cache `t` (this thread's).
+    #[inline]
+    fn cached_in(&self, t: &ThreadCache, sg: &DmaSg) -> Option<Hint> {
         if sg.region == 0 {
             return None;
         }
         let generation = self.generation.load(Ordering::Acquire);
-        tlb_find(sg.iova(), |h| names_region(h, sg, generation))
+        t.find(sg.iova(), |h| names_region(h, sg, generation))
     }
 
     /// For an entry of a mapped region this thread's cache knows: the local
-    /// address of its first byte and the region's protection, after the
-    /// checks of [`check_sg`]. `None` when the cache cannot tell. Call with
-    /// the table's read lock held; the address is valid while it is held.
-    fn cached_mapping(&self, sg: &DmaSg) -> Option<Result<(usize, i32)>> {
-        let h = self.cached(sg).filter(|h| h.vaddr != 0)?;
-        Some(check_range(h.len, h.prot, sg).map(|()| (h.vaddr + sg.offset as usize, h.prot)))
+    /// address of its first byte, the region's protection and the table
+    /// generation the answer holds for, after the checks of [`check_sg`].
+    /// `None` when the cache cannot tell. The address stays valid until the
+    /// region is removed.
+    fn cached_mapping(&self, sg: &DmaSg) -> Option<Result<(usize, i32, u64)>> {
+        TLB.try_with(|t| self.cached_mapping_in(t, sg))
+            .ok()
+            .flatten()
+    }
+
+    /// [`Self::cached_mapping`] in the cache `t` (this thread's).
+    #[inline]
+    fn cached_mapping_in(&self, t: &ThreadCache, sg: &DmaSg) -> Option<Result<(usize, i32, u64)>> {
+        let h = self.cached_in(t, sg).filter(|h| h.vaddr != 0)?;
+        Some(
+            check_range(h.len, h.prot, sg)
+                .map(|()| (h.vaddr + sg.offset as usize, h.prot, h.generation)),
+        )
     }
 
     /// The lock-free path of direct access: when this thread's translation
@@ -1177,21 +1187,13 @@ impl DmaController {
         copy: impl FnOnce(*mut u8),
     ) -> Option<Result<()>> {
         TLB.try_with(|t| {
-            if sg.region == 0 {
-                return None;
-            }
-            let generation = self.generation.load(Ordering::Acquire);
-            let h = t.find(sg.iova(), |h| names_region(h, sg, generation))?;
-            if h.vaddr == 0 {
-                return None;
-            }
-            if let Err(e) = check_range(h.len, h.prot, sg) {
-                return Some(Err(e));
-            }
-            if h.prot & need == 0 {
+            let (addr, prot, generation) = match self.cached_mapping_in(t, sg)? {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            if prot & need == 0 {
                 return Some(Err(Errno::EACCES));
             }
-            let addr = (h.vaddr + sg.offset as usize) as *mut u8;
             let _section = t.reader.enter();
             // Checked again inside the section: a removal (or logging start)
             // published before now is seen here, or waits for this section
@@ -1202,7 +1204,7 @@ impl DmaController {
             {
                 return None;
             }
-            copy(addr);
+            copy(addr as *mut u8);
             Some(Ok(()))
         })
         .ok()
