@@ -630,6 +630,19 @@ impl Context {
         if let Some(dma) = self.dma().cloned() {
             super::dma_msg::unmap_all(&dma, &CtxDma::new(self));
         }
+        // Back to RUNNING first, so that the reset callback finds the device
+        // in the state a new client expects.
+        if let Some(m) = self.migration.get() {
+            if let Err(e) = m.lost_connection(&CtxMig(self)) {
+                self.logf(
+                    lv::ERR,
+                    format_args!(
+                        "migration: returning to running after the client left failed: {}",
+                        e
+                    ),
+                );
+            }
+        }
         let _ = self.call_reset(ResetType::LostConn);
         if let Some(irqs) = self.irqs() {
             irqs.reset();
