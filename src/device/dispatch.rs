@@ -622,17 +622,20 @@ impl Context {
                 }
             }
         }
-        self.reset_ctx_quiesced();
+        self.reset_ctx_quiesced(false);
         Ok(())
     }
 
-    fn reset_ctx_quiesced(&self) {
+    /// Forgets the client. `shutdown`: the context is being destroyed, so
+    /// no client comes next and the migration state is left alone (the
+    /// device gets no transition callbacks while it is torn down).
+    fn reset_ctx_quiesced(&self, shutdown: bool) {
         if let Some(dma) = self.dma().cloned() {
             super::dma_msg::unmap_all(&dma, &CtxDma::new(self));
         }
         // Back to RUNNING first, so that the reset callback finds the device
         // in the state a new client expects.
-        if let Some(m) = self.migration.get() {
+        if let Some(m) = self.migration.get().filter(|_| !shutdown) {
             if let Err(e) = m.lost_connection(&CtxMig(self)) {
                 self.logf(
                     lv::ERR,
@@ -666,7 +669,7 @@ impl Context {
             match pending {
                 Pending::Msg(req) => self.handle_request(req),
                 Pending::CtxReset => {
-                    self.reset_ctx_quiesced();
+                    self.reset_ctx_quiesced(false);
                     Ok(())
                 }
                 Pending::None => Ok(()),
@@ -896,7 +899,8 @@ enum DmaWait {
 pub(crate) fn destroy(ctx: &mut Context) {
     ctx.cbs.borrow_mut().quiesce = None;
     *ctx.pending.borrow_mut() = Pending::None;
-    let _ = ctx.reset_ctx();
+    // Without a quiesce callback this is what reset_ctx would do.
+    ctx.reset_ctx_quiesced(true);
 }
 
 fn page_size() -> u64 {
