@@ -210,6 +210,7 @@ check-c: build
 	$(MAKE) -f '$(SRCDIR)/Makefile' install NO_BUILD=1 PREFIX='$(CHECK_PREFIX)' DESTDIR=
 	bash '$(SRCDIR)/c-tests/abi/run.sh' '$(CHECK_PREFIX)/include' '$(CHECK_PREFIX)/lib'
 	bash '$(SRCDIR)/c-tests/consumers/run.sh' '$(CHECK_PREFIX)'
+	bash '$(SRCDIR)/c-tests/configspace/run.sh' '$(CHECK_PREFIX)'
 	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
 		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi
 
