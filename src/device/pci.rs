@@ -421,10 +421,6 @@ impl PciConfig {
         }
     }
 
-    fn is_upper_half(&self, idx: usize, all: &[BarInfo; NUM_BARS + 1]) -> bool {
-        idx % 2 == 1 && idx < NUM_BARS && all[idx - 1].is_mem64()
-    }
-
     /// Whether a client write to the config region at `offset` must quiesce
     /// the device first (upstream: a write starting at the PCI Express
     /// capability's device control register, which may initiate an FLR).
