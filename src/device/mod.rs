@@ -11,6 +11,7 @@
 //! allows a region callback to trigger an IRQ or read config space), so the
 //! context never holds a borrow of its own state while a callback runs.
 
+mod access_log;
 pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
