@@ -192,9 +192,15 @@ clean:
 # own "N passed, M failed" (or cargo's) summary. Stops at the first failure.
 CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
 
-.PHONY: check check-rust check-c check-asan sanitizers
-check: check-rust check-c check-asan soak
+.PHONY: check check-deps check-rust check-c check-asan sanitizers
+check: check-deps check-rust check-c check-asan soak
 	@echo "make check: all checks passed"
+
+# Installs the Debian packages the checks need when it can (root with
+# apt-get), else says in one line what to install (scripts/check-deps.sh).
+check-deps:
+	@bash '$(SRCDIR)/scripts/check-deps.sh'
+check-rust check-c check-asan soak: check-deps
 
 check-rust:
 	$(CARGO) fmt --manifest-path '$(SRCDIR)/Cargo.toml' --all -- --check

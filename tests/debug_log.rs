@@ -45,8 +45,12 @@ fn session(tag: &str, level: i32, client: impl FnOnce(Client)) -> Vec<(i32, Stri
 }
 
 fn accesses(mut c: Client) {
-    c.region_write(BAR0, 0x10, &0x1234u32.to_le_bytes()).unwrap();
-    assert_eq!(c.region_read(BAR0, 0x10, 4).unwrap(), 0x1234u32.to_le_bytes());
+    c.region_write(BAR0, 0x10, &0x1234u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(
+        c.region_read(BAR0, 0x10, 4).unwrap(),
+        0x1234u32.to_le_bytes()
+    );
     c.region_write(BAR0, 0x20, &[0x5a; 16]).unwrap();
     c.region_read(BAR0, 0x0, 8).unwrap();
     c.region_read(CFG, 0, 2).unwrap();
@@ -85,9 +89,7 @@ fn region_accesses_and_disconnect_are_logged_at_debug() {
     );
     // In order: the write before the read.
     let pos = |t: &str| lines.iter().position(|(_, m)| m == t).unwrap();
-    assert!(
-        pos("region0: wrote 0x1234 to (0x10:4)") < pos("region0: read 0x1234 from (0x10:4)")
-    );
+    assert!(pos("region0: wrote 0x1234 to (0x10:4)") < pos("region0: read 0x1234 from (0x10:4)"));
 }
 
 #[test]
