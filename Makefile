@@ -192,9 +192,15 @@ clean:
 # own "N passed, M failed" (or cargo's) summary. Stops at the first failure.
 CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
 
-.PHONY: check check-rust check-c check-asan sanitizers
-check: check-rust check-c check-asan soak
+.PHONY: check check-deps check-rust check-c check-asan sanitizers
+check: check-deps check-rust check-c check-asan soak
 	@echo "make check: all checks passed"
+
+# Installs the Debian packages the checks need when it can (root with
+# apt-get), else says in one line what to install (scripts/check-deps.sh).
+check-deps:
+	@bash '$(SRCDIR)/scripts/check-deps.sh'
+check-rust check-c check-asan soak: check-deps
 
 check-rust:
 	$(CARGO) fmt --manifest-path '$(SRCDIR)/Cargo.toml' --all -- --check
@@ -210,6 +216,7 @@ check-c: build
 	$(MAKE) -f '$(SRCDIR)/Makefile' install NO_BUILD=1 PREFIX='$(CHECK_PREFIX)' DESTDIR=
 	bash '$(SRCDIR)/c-tests/abi/run.sh' '$(CHECK_PREFIX)/include' '$(CHECK_PREFIX)/lib'
 	bash '$(SRCDIR)/c-tests/consumers/run.sh' '$(CHECK_PREFIX)'
+	bash '$(SRCDIR)/c-tests/configspace/run.sh' '$(CHECK_PREFIX)'
 	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
 		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi
 

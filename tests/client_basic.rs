@@ -239,6 +239,87 @@ fn region_io_fds_lists_the_ioeventfd() {
     s.finish(c);
 }
 
+/// Shadow ioeventfds (upstream: only with its shadow-ioeventfd build option;
+/// here always): listed with the shadow type, the shadow memory fd passed
+/// along (once, however many entries use it) and mapping the device's
+/// memory, a bad fd refused.
+#[test]
+fn region_io_fds_lists_shadow_ioeventfds() {
+    use vfio_user::client::GuestMemory;
+    use vfio_user::device::IoEventFd;
+    let efd = EventFd::new().unwrap();
+    let shadow = GuestMemory::new(0x1000).unwrap();
+    let (e_raw, s_raw) = (efd.as_raw_fd(), shadow.fd().as_raw_fd());
+    let dev = Dev::default();
+    let d = dev.clone();
+    let s = Server::start("shadowfds", move |ctx| {
+        let keep = setup_device(ctx, d, Features::default())?;
+        let ioe = |off: u64, shadow_fd: i32, shadow_offset: u64| IoEventFd {
+            gpa_offset: off,
+            size: 4,
+            fd: e_raw,
+            flags: 0,
+            datamatch: 0,
+            shadow_fd,
+            shadow_offset,
+        };
+        // Not an fd at all.
+        assert_eq!(
+            ctx.create_ioeventfd(region::BAR0, ioe(0x8, -2, 0)),
+            Err(Errno::EINVAL)
+        );
+        ctx.create_ioeventfd(region::BAR0, ioe(0x8, s_raw, 0x10))?;
+        ctx.create_ioeventfd(region::BAR0, ioe(0x20, -1, 0))?;
+        ctx.create_ioeventfd(region::BAR0, ioe(0x30, s_raw, 0x40))?;
+        Ok(keep)
+    });
+    let mut c = s.connect();
+    let r = c.region_io_fds(BAR0).unwrap();
+    assert_eq!(r.entries.len(), 3);
+    // The eventfd and the shadow memory, each passed once.
+    assert_eq!(r.fds.len(), 2);
+    // Newest first.
+    let (a, b, e) = (r.entries[0], r.entries[1], r.entries[2]);
+    assert_eq!(
+        (a.gpa_offset, b.gpa_offset, e.gpa_offset),
+        (0x30, 0x20, 0x8)
+    );
+    assert_eq!(a.kind, protocol::IO_FD_TYPE_IOEVENTFD_SHADOW);
+    assert_eq!(b.kind, protocol::IO_FD_TYPE_IOEVENTFD);
+    assert_eq!(e.kind, protocol::IO_FD_TYPE_IOEVENTFD_SHADOW);
+    assert_eq!(
+        (a.fd_index, a.shadow_fd_index, a.shadow_offset),
+        (0, 1, 0x40)
+    );
+    assert_eq!((b.fd_index, b.shadow_fd_index, b.shadow_offset), (0, 0, 0));
+    assert_eq!(
+        (e.fd_index, e.shadow_fd_index, e.shadow_offset),
+        (0, 1, 0x10)
+    );
+    // The shadow fd maps the device's shadow memory.
+    let len = 0x1000;
+    // SAFETY: a fresh shared mapping of a 4 KiB memfd, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            r.fds[1].as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: offset 0x10 + 4 is inside the mapping.
+    unsafe { std::ptr::write_unaligned(p.cast::<u8>().add(0x10).cast::<u32>(), 0xfeed) };
+    // SAFETY: p/len is the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(shadow.read_vec(0x10, 4).unwrap(), 0xfeedu32.to_le_bytes());
+    s.finish(c);
+    drop(shadow);
+    drop(efd);
+}
+
 #[test]
 fn region_read_and_write_go_through_the_callback() {
     let dev = Dev::default();

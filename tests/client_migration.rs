@@ -152,3 +152,107 @@ fn migration_page_size_is_negotiated() {
     assert_eq!(c.server_caps().migration_pgsize, Some(page));
     s.finish(c);
 }
+
+/// Connects, retrying while the server is between two clients.
+fn connect_retry(s: &Server) -> vfio_user::client::Client {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match vfio_user::client::Client::connect(&s.path) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "connect: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// A client that leaves while the device is in any migration state: the
+/// library walks the device back to RUNNING through the legal arcs (the
+/// device's transition callback sees each one, in order) before the reset
+/// callback runs with LOST_CONN, and the next client finds a working device.
+/// An explicit DEVICE_RESET leaves the migration state alone.
+#[test]
+fn lost_connection_in_any_state_returns_to_running() {
+    use vfio_user::device::ResetType;
+    const V_STOP: u32 = VFU_MIGR_STATE_STOP;
+    const V_RUN: u32 = VFU_MIGR_STATE_RUNNING;
+    // (state the client leaves the device in, arcs to get there from
+    // RUNNING, arcs the library makes once it has gone)
+    let cases: [(u32, &[u32], &[u32]); 5] = [
+        (VFIO_USER_DEVICE_STATE_RUNNING, &[], &[]),
+        (VFIO_USER_DEVICE_STATE_STOP, &[V_STOP], &[V_RUN]),
+        (
+            VFIO_USER_DEVICE_STATE_STOP_COPY,
+            &[V_STOP, VFU_MIGR_STATE_STOP_AND_COPY],
+            &[V_STOP, V_RUN],
+        ),
+        (
+            VFIO_USER_DEVICE_STATE_PRE_COPY,
+            &[VFU_MIGR_STATE_PRE_COPY],
+            &[V_RUN],
+        ),
+        (
+            VFIO_USER_DEVICE_STATE_RESUMING,
+            &[V_STOP, VFU_MIGR_STATE_RESUME],
+            &[V_STOP, V_RUN],
+        ),
+    ];
+    let dev = Dev::default();
+    dev.lock().mig_out = device_state_blob();
+    // Two clients per case, one for the DEVICE_RESET check, one to verify.
+    let s = Server::device_serving("miglost", &dev, Features::default(), 2 * cases.len() + 2);
+    for (i, (state, to, back)) in cases.iter().enumerate() {
+        let mut c = connect_retry(&s);
+        assert_eq!(c.mig_state().unwrap(), VFIO_USER_DEVICE_STATE_RUNNING);
+        let before = dev.lock().transitions.len();
+        c.set_mig_state(*state).unwrap();
+        // Leave mid-way through the data as well where there is data.
+        match *state {
+            VFIO_USER_DEVICE_STATE_PRE_COPY | VFIO_USER_DEVICE_STATE_STOP_COPY => {
+                assert!(!c.mig_data_read(100).unwrap().is_empty());
+            }
+            VFIO_USER_DEVICE_STATE_RESUMING => c.mig_data_write(&[1, 2, 3]).unwrap(),
+            _ => {}
+        }
+        assert_eq!(dev.lock().transitions[before..], **to, "state {state}");
+        let resets = dev.lock().resets.len();
+        drop(c);
+
+        // The next client: the device is RUNNING and its BAR works.
+        let mut c = connect_retry(&s);
+        assert_eq!(
+            c.mig_state().unwrap(),
+            VFIO_USER_DEVICE_STATE_RUNNING,
+            "after leaving in state {state}"
+        );
+        let st = dev.lock();
+        assert_eq!(
+            st.transitions[before + to.len()..],
+            **back,
+            "arcs back from state {state}"
+        );
+        assert_eq!(st.resets[resets..], [ResetType::LostConn]);
+        drop(st);
+        let v = 0x5a5a_0000u32 + i as u32;
+        c.region_write(BAR0, 0x10, &v.to_le_bytes()).unwrap();
+        assert_eq!(c.region_read(BAR0, 0x10, 4).unwrap(), v.to_le_bytes());
+        // Hand the device to the next case's client.
+        drop(c);
+    }
+
+    // An explicit device reset keeps the migration state.
+    // (STOP and STOP_COPY refuse DEVICE_RESET altogether.)
+    let mut c = connect_retry(&s);
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_RESUMING).unwrap();
+    let before = dev.lock().transitions.len();
+    c.reset().unwrap();
+    assert_eq!(c.mig_state().unwrap(), VFIO_USER_DEVICE_STATE_RESUMING);
+    assert_eq!(dev.lock().transitions.len(), before);
+    assert_eq!(dev.lock().resets.last(), Some(&ResetType::Device));
+    drop(c);
+    let mut c = connect_retry(&s);
+    assert_eq!(c.mig_state().unwrap(), VFIO_USER_DEVICE_STATE_RUNNING);
+    assert_eq!(dev.lock().transitions[before..], [V_STOP, V_RUN]);
+    s.finish(c);
+}

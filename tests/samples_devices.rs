@@ -412,6 +412,62 @@ fn migdev_live_migration() {
     );
 }
 
+/// Through the C ABI: a client leaving migdev (`--persist`) in any migration
+/// state. The library walks the device back to RUNNING, the transition
+/// callback logging each arc, and the next client finds it running with
+/// working registers.
+#[test]
+fn migdev_lost_connection_returns_to_running() {
+    let Some(bin) = samples() else { return };
+    let mut d = Device::spawn(bin, "migdev", &["--persist", "--log", "info"]);
+    // (state to leave the device in, the arcs logged once the client left)
+    let cases: [(u32, &[&str]); 4] = [
+        (VFIO_USER_DEVICE_STATE_STOP, &["STOP -> RUNNING"]),
+        (
+            VFIO_USER_DEVICE_STATE_STOP_COPY,
+            &["STOP_AND_COPY -> STOP", "STOP -> RUNNING"],
+        ),
+        (VFIO_USER_DEVICE_STATE_PRE_COPY, &["PRE_COPY -> RUNNING"]),
+        // Leaving RESUME with half a record fails in the device; its reset
+        // callback (LOST_CONN) then starts it afresh.
+        (VFIO_USER_DEVICE_STATE_RESUMING, &["RESUME -> STOP"]),
+    ];
+    for (i, (state, arcs)) in cases.iter().enumerate() {
+        let mut c = d.connect();
+        assert_eq!(reg(&mut c, REG_STATE), VFU_MIGR_STATE_RUNNING);
+        c.set_mig_state(*state).unwrap();
+        if *state == VFIO_USER_DEVICE_STATE_RESUMING {
+            c.mig_data_write(&[0x42; 10]).unwrap();
+        }
+        let logged = d.log_text().len();
+        drop(c);
+
+        let mut c = d.connect();
+        assert_eq!(
+            reg(&mut c, REG_STATE),
+            VFU_MIGR_STATE_RUNNING,
+            "after leaving in state {state}:\n{}",
+            d.log_text()
+        );
+        assert_eq!(c.mig_state().unwrap(), VFIO_USER_DEVICE_STATE_RUNNING);
+        set_reg(&mut c, REG_SCRATCH, 0x7700 + i as u32);
+        assert_eq!(reg(&mut c, REG_SCRATCH), 0x7700 + i as u32);
+        let log = d.log_text();
+        let after = &log[logged..];
+        let mut pos = 0;
+        for arc in arcs.iter() {
+            let line = format!("migration state {arc}");
+            let at = after[pos..]
+                .find(&line)
+                .unwrap_or_else(|| panic!("state {state}: no '{line}' in order in:\n{after}"));
+            pos += at + line.len();
+        }
+        drop(c);
+    }
+    d.signal(libc::SIGTERM);
+    d.expect_clean_exit();
+}
+
 /// Saves the state of a device with some registers set; returns the
 /// pre-copy and final records.
 fn saved_state(bin: &Path) -> (Vec<u8>, Vec<u8>) {

@@ -817,6 +817,21 @@ reset(vfu_ctx_t *ctx, vfu_reset_type_t type)
     struct migdev *d = dev_of(ctx);
 
     if (type == VFU_RESET_LOST_CONN) {
+        /*
+         * The library has walked the migration state back to RUNNING. A
+         * transition it could not make (leaving RESUME with an incomplete
+         * stream fails) still counts as made: drop what came in.
+         */
+        if (d->state != VFU_MIGR_STATE_RUNNING) {
+            vfu_log(ctx, LOG_INFO, "client left in state %s: now RUNNING",
+                    state_name(d->state));
+            free(d->in);
+            d->in = NULL;
+            d->in_len = 0;
+            d->out_len = 0;
+            d->out_pos = 0;
+            d->state = VFU_MIGR_STATE_RUNNING;
+        }
         return 0;
     }
     vfu_log(ctx, LOG_INFO, "device reset");

@@ -5,6 +5,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
+use super::access_log::StrError;
 use super::dma_msg::DmaCallbacks;
 use super::migration::{DirtyLogging, MigrationCallbacks};
 use super::{irq, log_level as lv, region, ClientLimits, Context, DmaInfo, DmaSg, ResetType};
@@ -206,11 +207,22 @@ impl Context {
         let mut req = match deferred {
             Some(r) => r,
             None => {
-                let conn = self.conn.borrow().clone().ok_or(Errno::ENOTCONN)?;
+                let Some(conn) = self.conn.borrow().clone() else {
+                    // Upstream's wording, for scripts that grep for it.
+                    self.logf(
+                        lv::ERR,
+                        format_args!("tran_sock_get_request_header: not connected"),
+                    );
+                    return Err(Errno::ENOTCONN);
+                };
                 match self.read_request(&conn) {
                     Ok(Some(r)) => r,
                     Ok(None) => return Err(Errno(libc::ENOMSG)),
                     Err(e) if e.0 == libc::ENOMSG || e.0 == libc::ECONNRESET => {
+                        self.logf(
+                            lv::DEBUG,
+                            format_args!("failed to receive request header: {}", StrError(e)),
+                        );
                         if e.0 == libc::ENOMSG {
                             self.logf(lv::INFO, format_args!("client disconnected"));
                         } else {
@@ -219,7 +231,15 @@ impl Context {
                         self.reset_ctx()?;
                         return Err(Errno::ENOTCONN);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if e.0 != libc::EAGAIN {
+                            self.logf(
+                                lv::ERR,
+                                format_args!("failed to receive request: {}", StrError(e)),
+                            );
+                        }
+                        return Err(e);
+                    }
                 }
             }
         };
@@ -365,6 +385,9 @@ impl Context {
             Ok(r) => conn.send(&hdr.reply(r.body.len(), 0), &[&r.body], &r.fds),
             Err(e) => conn.send(&hdr.reply(0, e.0), &[], &[]),
         };
+        if let Err(e) = sent {
+            self.logf(lv::ERR, format_args!("failed to reply: {}", StrError(e)));
+        }
         match sent {
             Ok(()) => Ok(()),
             // Like upstream, a reply that fails because the client went away
@@ -522,7 +545,23 @@ impl Context {
 
     /// Runs one region access through config-space emulation or the
     /// device's callback; anything short of the whole count is an error.
+    /// At `LOG_DEBUG` every access is logged (see `access_log`); below it
+    /// this costs one load and compare.
     pub(crate) fn region_access(
+        &self,
+        idx: usize,
+        buf: &mut [u8],
+        offset: u64,
+        is_write: bool,
+    ) -> Result<()> {
+        let r = self.region_access_unlogged(idx, buf, offset, is_write);
+        if self.log_level.get() >= lv::DEBUG {
+            self.log_region_access(idx, buf, offset, is_write, &r);
+        }
+        r
+    }
+
+    fn region_access_unlogged(
         &self,
         idx: usize,
         buf: &mut [u8],
@@ -622,13 +661,29 @@ impl Context {
                 }
             }
         }
-        self.reset_ctx_quiesced();
+        self.reset_ctx_quiesced(false);
         Ok(())
     }
 
-    fn reset_ctx_quiesced(&self) {
+    /// Forgets the client. `shutdown`: the context is being destroyed, so
+    /// no client comes next and the migration state is left alone (the
+    /// device gets no transition callbacks while it is torn down).
+    fn reset_ctx_quiesced(&self, shutdown: bool) {
         if let Some(dma) = self.dma().cloned() {
             super::dma_msg::unmap_all(&dma, &CtxDma::new(self));
+        }
+        // Back to RUNNING first, so that the reset callback finds the device
+        // in the state a new client expects.
+        if let Some(m) = self.migration.get().filter(|_| !shutdown) {
+            if let Err(e) = m.lost_connection(&CtxMig(self)) {
+                self.logf(
+                    lv::ERR,
+                    format_args!(
+                        "migration: returning to running after the client left failed: {}",
+                        e
+                    ),
+                );
+            }
         }
         let _ = self.call_reset(ResetType::LostConn);
         if let Some(irqs) = self.irqs() {
@@ -653,7 +708,7 @@ impl Context {
             match pending {
                 Pending::Msg(req) => self.handle_request(req),
                 Pending::CtxReset => {
-                    self.reset_ctx_quiesced();
+                    self.reset_ctx_quiesced(false);
                     Ok(())
                 }
                 Pending::None => Ok(()),
@@ -883,7 +938,8 @@ enum DmaWait {
 pub(crate) fn destroy(ctx: &mut Context) {
     ctx.cbs.borrow_mut().quiesce = None;
     *ctx.pending.borrow_mut() = Pending::None;
-    let _ = ctx.reset_ctx();
+    // Without a quiesce callback this is what reset_ctx would do.
+    ctx.reset_ctx_quiesced(true);
 }
 
 fn page_size() -> u64 {

@@ -396,13 +396,45 @@ impl Migration {
     /// What a device reset does to the migration state.
     ///
     /// The reference implementation leaves the migration state untouched on
-    /// `VFIO_USER_DEVICE_RESET` and on a context reset, and so does this,
-    /// except that a device in ERROR (which this module never enters) goes back
-    /// to RUNNING. No callback is made.
+    /// `VFIO_USER_DEVICE_RESET`, and so does this, except that a device in
+    /// ERROR (which this module never enters) goes back to RUNNING. No
+    /// callback is made. (A lost connection is different: see
+    /// [`Migration::lost_connection`].)
     pub fn reset(&self) {
         if self.state.get() == VFIO_USER_DEVICE_STATE_ERROR {
             self.state.set(VFIO_USER_DEVICE_STATE_RUNNING);
         }
+    }
+
+    /// What losing the client does to the migration state: the device goes
+    /// back to RUNNING through the legal arcs (`STOP_COPY -> STOP ->
+    /// RUNNING`, `RESUMING -> STOP -> RUNNING`, `STOP -> RUNNING`,
+    /// `PRE_COPY -> RUNNING`), `cbs.transition` seeing each arc in order, the
+    /// way closing a VFIO device fd returns a Linux VFIO device to RUNNING.
+    /// A half-done migration cannot be finished by anyone once its client
+    /// is gone, and a device left stopped would refuse the next client's
+    /// region accesses.
+    ///
+    /// The reference implementation (since its commit 4f4fce4) leaves the
+    /// state alone here as well; this is a deliberate difference. An
+    /// explicit `VFIO_USER_DEVICE_RESET` still goes through
+    /// [`Migration::reset`] and keeps the state.
+    ///
+    /// If a transition callback fails, the state is set to RUNNING anyway
+    /// (no client is left to report the error to, and the reset callback
+    /// that follows tells the device to start afresh); the callback's error
+    /// is returned for logging. The same happens from ERROR and from any
+    /// state with no arc to RUNNING.
+    pub fn lost_connection(&self, cbs: &dyn MigrationCallbacks) -> Result<()> {
+        let r = if is_usable(self.state.get(), self.pre_copy) {
+            self.set_state(cbs, VFIO_USER_DEVICE_STATE_RUNNING)
+        } else if self.state.get() == VFIO_USER_DEVICE_STATE_ERROR {
+            Ok(())
+        } else {
+            Err(Errno::EINVAL)
+        };
+        self.state.set(VFIO_USER_DEVICE_STATE_RUNNING);
+        r
     }
 
     /// The migration page size advertised in the version reply
@@ -1139,6 +1171,39 @@ mod tests {
         let m = mig_in(STOP_COPY, true);
         m.reset();
         assert_eq!(m.state(), STOP_COPY);
+    }
+
+    #[test]
+    fn lost_connection_walks_back_to_running() {
+        use self::{VFU_MIGR_STATE_RUNNING as V_RUN, VFU_MIGR_STATE_STOP as V_STOP};
+        let cases: [(u32, &[u32]); 5] = [
+            (RUNNING, &[]),
+            (STOP, &[V_RUN]),
+            (STOP_COPY, &[V_STOP, V_RUN]),
+            (RESUMING, &[V_STOP, V_RUN]),
+            (PRE_COPY, &[V_RUN]),
+        ];
+        for (from, arcs) in cases {
+            let m = mig_in(from, true);
+            let dev = FakeDevice::default();
+            m.lost_connection(&dev).unwrap();
+            assert_eq!(m.state(), RUNNING, "from {from}");
+            assert_eq!(*dev.transitions.borrow(), arcs, "from {from}");
+        }
+        // ERROR: no arc, straight to RUNNING.
+        let m = mig_in(ERROR, true);
+        let dev = FakeDevice::default();
+        m.lost_connection(&dev).unwrap();
+        assert_eq!(m.state(), RUNNING);
+        assert!(dev.transitions.borrow().is_empty());
+        // A failing callback is reported, and the device is RUNNING anyway.
+        let m = mig_in(STOP_COPY, true);
+        let dev = FakeDevice::default();
+        dev.fail_transition_at.set(Some(1));
+        dev.fail_errno.set(libc::EIO);
+        assert_eq!(m.lost_connection(&dev), Err(Errno::EIO));
+        assert_eq!(*dev.transitions.borrow(), [VFU_MIGR_STATE_STOP]);
+        assert_eq!(m.state(), RUNNING);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! allows a region callback to trigger an IRQ or read config space), so the
 //! context never holds a borrow of its own state while a callback runs.
 
+mod access_log;
 pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
@@ -326,10 +327,18 @@ impl Context {
     }
 
     /// Registers an ioeventfd for the client (`vfu_create_ioeventfd`).
+    ///
+    /// With a `shadow_fd` (not -1) it is a shadow ioeventfd: the client
+    /// gets the shadow memory fd too (`VFIO_USER_IO_FD_TYPE_IOEVENTFD_SHADOW`
+    /// in `VFIO_USER_DEVICE_GET_REGION_IO_FDS`) and, with a kernel that
+    /// supports it, has the written value stored at `shadow_offset` in that
+    /// memory. Upstream offers this only in builds with its shadow-ioeventfd
+    /// option; here it is always available. Neither fd is owned: the device
+    /// keeps them open while the context lives and closes them itself.
+    /// `EINVAL` for a negative fd other than -1 or an access outside the
+    /// region.
     pub fn create_ioeventfd(&self, idx: usize, e: IoEventFd) -> Result<()> {
-        if e.shadow_fd != -1 {
-            // Shadow ioeventfds need a kernel extension upstream only builds on
-            // request; like upstream's default build, refuse them.
+        if e.fd < -1 || e.shadow_fd < -1 {
             return Err(Errno::EINVAL);
         }
         let mut regions = self.regions.try_borrow_mut().map_err(|_| Errno::EBUSY)?;

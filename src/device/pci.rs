@@ -154,6 +154,7 @@ const BAR_IO_FLAG_MASK: u32 = 0x3;
 const BAR_MEM_FLAG_MASK: u32 = 0xf;
 const BAR_SPACE_IO: u32 = 0x1;
 const BAR_MEM_TYPE_64: u32 = 0x4;
+const BAR_MEM_TYPE_MASK: u32 = 0x6;
 const BAR_MEM_PREFETCH: u32 = 0x8;
 const ROM_ADDRESS_MASK: u32 = 0xffff_f800;
 const ROM_ENABLE: u32 = 0x1;
@@ -371,14 +372,15 @@ impl PciConfig {
         }
     }
 
-    /// What upstream does to config space in `vfu_realize_ctx` (call once):
+    /// What upstream does to config space in `vfu_realize_ctx` (call once),
+    /// bit for bit, so that config space dumps are identical:
     ///
-    /// * each implemented BAR (size > 0) gets its type bits: I/O space
-    ///   (bit 0) for non-MEM regions; for MEM regions the 64-bit type and the
-    ///   prefetchable bit as flagged. The upper half of a 64-bit BAR gets
-    ///   nothing. (Upstream also marks every unimplemented BAR and the upper
-    ///   dword of 64-bit BARs as I/O; the PCI spec wants unimplemented BARs
-    ///   to read as zero, so this does not.)
+    /// * every one of the six BAR registers, implemented or not, gets type
+    ///   bits from its own region's flags: bit 0 (I/O space) unless the
+    ///   region is MEM, so unused BARs and the upper dword of a 64-bit BAR
+    ///   read as I/O; bits 2:1 set to 64-bit when the region is 64-bit;
+    ///   bit 3 (prefetchable) when it is prefetchable. What the device
+    ///   wrote there before realize is kept otherwise;
     /// * the interrupt pin is set to INTA# when `intx` (the device has INTx
     ///   vectors);
     /// * the status register's capabilities-list bit is set when standard
@@ -391,26 +393,19 @@ impl PciConfig {
             self.setup_bar(i, *info);
         }
         let all = self.bars.get();
-        for idx in 0..NUM_BARS {
-            let info = all[idx];
-            if info.size == 0 || self.is_upper_half(idx, &all) {
-                continue;
-            }
-            let mut bits = 0;
-            if !info.is_mem() {
-                bits |= BAR_SPACE_IO;
-            } else {
-                if info.is_mem64() {
-                    bits |= BAR_MEM_TYPE_64;
-                }
-                if info.flags & REGION_FLAG_PREFETCH != 0 {
-                    bits |= BAR_MEM_PREFETCH;
-                }
-            }
+        for (idx, info) in all.iter().enumerate().take(NUM_BARS) {
             let off = OFF_BAR0 + 4 * idx;
-            if let Ok(v) = self.rd32(off) {
-                let _ = self.wr32(off, v | bits);
+            let Ok(mut v) = self.rd32(off) else { continue };
+            if !info.is_mem() {
+                v |= BAR_SPACE_IO;
             }
+            if info.flags & REGION_FLAG_64_BITS != 0 {
+                v = (v & !BAR_MEM_TYPE_MASK) | BAR_MEM_TYPE_64;
+            }
+            if info.flags & REGION_FLAG_PREFETCH != 0 {
+                v |= BAR_MEM_PREFETCH;
+            }
+            let _ = self.wr32(off, v);
         }
         if intx {
             let _ = self.wr8(OFF_INT_PIN, 1);
@@ -424,10 +419,6 @@ impl PciConfig {
         if let Ok(s) = self.rd16(OFF_STATUS) {
             let _ = self.wr16(OFF_STATUS, s | STATUS_CAP_LIST);
         }
-    }
-
-    fn is_upper_half(&self, idx: usize, all: &[BarInfo; NUM_BARS + 1]) -> bool {
-        idx % 2 == 1 && idx < NUM_BARS && all[idx - 1].is_mem64()
     }
 
     /// Whether a client write to the config region at `offset` must quiesce
@@ -842,7 +833,9 @@ mod tests {
         ];
         p.realize(&bars, true);
         let got: Vec<u32> = (0..6).map(|i| rd32(&p, 0x10 + 4 * i)).collect();
-        assert_eq!(got, vec![0x1, 0x0, 0x4, 0x0, 0xc, 0x0]);
+        // As upstream: the unused BAR and the upper halves of the 64-bit
+        // BARs have no MEM region, so they read as I/O.
+        assert_eq!(got, vec![0x1, 0x0, 0x4, 0x1, 0xc, 0x1]);
         assert_eq!(read(&p, 0x3d, 1).unwrap(), vec![1]);
         assert_eq!(rd32(&p, 4) >> 16, 0, "no caps, no CL bit");
 
@@ -917,8 +910,10 @@ mod tests {
         );
         q.realize(&[], false);
         assert_eq!(probe_bar(&q, 0x10, &[]), 0xffff_ffe0);
-        // Unimplemented BARs read as zero even after sizing.
-        assert_eq!(probe_bar(&q, 0x14, &[]), 0);
+        // Unimplemented BARs read as I/O (bit 0), as upstream's do, even
+        // after sizing.
+        assert_eq!(rd32(&q, 0x14), 1);
+        assert_eq!(probe_bar(&q, 0x14, &[]), 1);
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub struct IoEventFd {
     pub flags: u32,
     /// Value to match when the data-match flag is set.
     pub datamatch: u64,
-    /// Shadow memory fd, or -1 (shadow ioeventfds are refused).
+    /// Shadow memory fd, or -1 for a plain ioeventfd; not owned either.
     pub shadow_fd: RawFd,
     /// Offset in the shadow memory.
     pub shadow_offset: u64,

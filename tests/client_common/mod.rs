@@ -125,6 +125,17 @@ impl Server {
     where
         F: FnOnce(&Context) -> Result<Keep, Errno> + Send + 'static,
     {
+        Server::start_serving(tag, 1, setup)
+    }
+
+    /// Like [`Server::start`], serving `clients` clients one after the
+    /// other (attach, run until the client goes, again); the thread's
+    /// result is the first error other than the `ENOTCONN` of a client
+    /// that left, or the last client's.
+    pub fn start_serving<F>(tag: &str, clients: usize, setup: F) -> Server
+    where
+        F: FnOnce(&Context) -> Result<Keep, Errno> + Send + 'static,
+    {
         let path = sock_path(tag);
         let (tx, rx) = mpsc::channel();
         let p = path.clone();
@@ -144,7 +155,13 @@ impl Server {
                 }
             };
             let _ = tx.send(Ok(()));
-            let r = ctx.attach().and_then(|()| ctx.run());
+            let mut r = Err(Errno::ENOTCONN);
+            for _ in 0..clients {
+                r = ctx.attach().and_then(|()| ctx.run());
+                if r != Err(Errno::ENOTCONN) {
+                    break;
+                }
+            }
             // The context goes before what it borrowed fds from.
             drop(ctx);
             drop(keep);
@@ -163,6 +180,12 @@ impl Server {
     pub fn device(tag: &str, dev: &Dev, features: Features) -> Server {
         let dev = dev.clone();
         Server::start(tag, move |ctx| setup_device(ctx, dev, features))
+    }
+
+    /// Starts the standard test device, serving `clients` clients in turn.
+    pub fn device_serving(tag: &str, dev: &Dev, features: Features, clients: usize) -> Server {
+        let dev = dev.clone();
+        Server::start_serving(tag, clients, move |ctx| setup_device(ctx, dev, features))
     }
 
     pub fn connect(&self) -> Client {

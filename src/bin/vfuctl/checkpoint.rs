@@ -43,7 +43,8 @@ Saves the device's migration state to FILE ('-' for standard output): moves
 the device to STOP, then STOP_COPY, reads all its migration data, and moves
 it back through STOP to the state it was in (RUNNING or STOP), as a
 snapshot. With --stop it stays in STOP, so that its state cannot move on
-from what was saved. The file is written to a temporary name and renamed
+from what was saved (a server on this library returns its device to
+RUNNING once vfuctl disconnects; upstream's servers keep it stopped). The file is written to a temporary name and renamed
 into place, with a header (magic, version, length, CRC-32, PCI IDs).
 
 Options:
@@ -60,7 +61,8 @@ touched), then moves the device to RESUMING, writes the data, and moves it
 to STOP and RUNNING.
 
 Options:
-  --stop           leave the device in STOP after loading
+  --stop           leave the device in STOP after loading (until vfuctl
+                   disconnects, for a server on this library)
   --force          load even if the file was saved from a device with other
                    PCI vendor/device IDs
   --timeout SECS   bound on every wait for the server (default 10)";

@@ -182,7 +182,10 @@ pub fn decode(cfg: &[u8], sizes: &[u64; 7]) -> Option<Pci> {
     while i < 6 {
         let raw = h32(0x10 + 4 * i);
         let size = sizes[i];
-        if size == 0 && raw == 0 {
+        // Not implemented: nothing there, or (upstream's realize rule, which
+        // this library follows) only the I/O-space bit of a BAR without a
+        // memory region.
+        if size == 0 && raw & !1 == 0 {
             i += 1;
             continue;
         }
