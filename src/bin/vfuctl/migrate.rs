@@ -90,6 +90,8 @@ it); 5 --verify or --compare found a difference; 1 local failure.";
 /// Most device data moved (a device that never stops producing data must
 /// not keep the migration going forever).
 const MAX_DEVICE_DATA: u64 = 1 << 34;
+/// Size of the first MIG_DATA_READ in stop-copy.
+const STOP_COPY_FIRST_READ: usize = 64 << 10;
 /// Largest `--chunk`.
 const MAX_CHUNK: u64 = 1 << 30;
 /// Largest guest memory accepted: 16 GiB, whose dirty bitmap (512 KiB at
@@ -565,6 +567,13 @@ impl Session {
     /// until an empty one (everything). Each piece is written as soon as it
     /// is read. Returns the bytes moved; adds the time spent reading and
     /// writing to `times` (read, write).
+    ///
+    /// Pre-copy reads ask for as much as the servers allow. Stop-copy reads
+    /// start at [`STOP_COPY_FIRST_READ`] and double while they come back
+    /// full: servers (ours and upstream's) send a reply as large as the
+    /// request whatever the device gave, so asking 1 MiB for the last
+    /// 64 KiB would put 1 MiB on the socket inside the downtime, twice
+    /// (the data, then the empty read that ends it).
     fn stream_device(
         &mut self,
         until_empty: bool,
@@ -580,12 +589,17 @@ impl Session {
             .min(self.src.server_caps().max_data_xfer_size)
             .max(1);
         let phase = if until_empty { "stop-copy" } else { "pre-copy" };
+        let mut size = if until_empty {
+            STOP_COPY_FIRST_READ.min(chunk)
+        } else {
+            chunk
+        };
         let mut got = 0u64;
         loop {
             let t = Instant::now();
             let d = self
                 .src
-                .mig_data_read(chunk)
+                .mig_data_read(size)
                 .at(&format!("source: {what}: MIG_DATA_READ"))?;
             times.0 += t.elapsed();
             let n = d.len() as u64;
@@ -611,8 +625,11 @@ impl Session {
                 st.streamed_pre += n;
             }
             prog.show(phase, st, false);
-            if n == 0 || (!until_empty && d.len() < chunk) {
+            if n == 0 || (!until_empty && d.len() < size) {
                 return Ok(got);
+            }
+            if d.len() == size {
+                size = size.saturating_mul(2).min(chunk);
             }
         }
     }
