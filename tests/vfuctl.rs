@@ -308,6 +308,9 @@ struct MigState {
     watch: Option<MigDev>,
     /// (bytes, the watched device's state) per incoming piece.
     writes_seen: Vec<(usize, u32)>,
+    /// Refuse (EINVAL) to leave RESUME, as a device that finds its state
+    /// incomplete does.
+    refuse_leaving_resume: bool,
     /// Benchmark mode: the device does as little as a streaming device
     /// would in its transitions (no guest memory hashes; incoming data is
     /// hashed as it comes instead of kept and applied at the end).
@@ -352,6 +355,7 @@ impl MigDev {
             die_after_read: None,
             watch: None,
             writes_seen: Vec::new(),
+            refuse_leaving_resume: false,
             lean: false,
             out_hash: (FNV_START, 0),
             in_hash: (FNV_START, 0),
@@ -529,6 +533,9 @@ impl MigrationDevice for MigCb {
             st.transitions.push(state);
             if st.fail_on == Some(state) {
                 return Err(Errno::EPERM);
+            }
+            if st.refuse_leaving_resume && st.state == VFU_MIGR_STATE_RESUME {
+                return Err(Errno::EINVAL);
             }
             if st.die_on == Some(state) {
                 // SAFETY: shuts down (does not close) the connection socket
@@ -1430,6 +1437,27 @@ fn source_dying_mid_stream_leaves_the_destination_reset_and_stopped() {
     sb.join();
     assert_eq!(b.lock().bulk, c.lock().bulk);
     assert_eq!(b.lock().state, VFU_MIGR_STATE_RUNNING);
+}
+
+#[test]
+fn destination_refusing_to_leave_resuming_is_reset_and_left_there() {
+    let (a, b) = (MigDev::with_bulk(30, 3 << 20), MigDev::new(31));
+    a.lock().die_after_read = Some(3 << 19);
+    b.lock().refuse_leaving_resume = true;
+    let (sa, sb) = (mig_server("rlsrc", &a, 1), mig_server("rldst", &b, 1));
+    let o = migrate(&sa, &sb, &["--timeout", "2"]);
+    assert_eq!(o.code, 3, "{o:?}");
+    assert!(
+        o.stderr.contains(
+            "the destination was reset but refused to leave RESUMING (DEVICE_FEATURE refused: EINVAL"
+        ) && o.stderr.contains("it is in RESUMING and does not run"),
+        "{o:?}"
+    );
+    sa.join();
+    sb.join();
+    let st = b.lock();
+    assert_eq!((st.state, st.resets), (VFU_MIGR_STATE_RESUME, 1));
+    assert!(!st.transitions.contains(&VFU_MIGR_STATE_RUNNING));
 }
 
 #[test]

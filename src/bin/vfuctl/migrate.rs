@@ -866,7 +866,12 @@ impl Session {
                 state_name(n)
             ),
             (Err(e), Ok(n)) => format!(
-                "the destination refused to leave {} ({}){reset}; it is in {} and does not run",
+                "the destination{} refused to leave {} ({}); it is in {} and does not run",
+                if reset == " and reset" {
+                    " was reset but"
+                } else {
+                    &reset
+                },
                 state_name(s),
                 describe(&e),
                 state_name(n)
@@ -1109,6 +1114,13 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((o.mem_mib, o.max_rounds, o.threshold), (0, 5, 65536));
+        assert_eq!(o.chunk, vfio_user::client::DEFAULT_MAX_SEND_DATA);
+        assert_eq!(
+            opts(&["--from", "a", "--to", "b", "--chunk", "0x1000"])
+                .unwrap()
+                .chunk,
+            4096
+        );
         assert_eq!(o.sets.len(), 2);
         assert!(o.progress && !o.json && !o.verify);
         let o = opts(&[
@@ -1128,6 +1140,8 @@ mod tests {
             &["--from", "a", "--to", "b", "extra"],
             &["--from", "a", "--to", "b", "--guest-mem-mib", "1000000"],
             &["--from", "a", "--to", "b", "--pre-copy-rounds", "-1"],
+            &["--from", "a", "--to", "b", "--chunk", "0"],
+            &["--from", "a", "--to", "b", "--chunk", "0x40000001"],
         ] {
             assert!(matches!(opts(bad), Err(Failure::Usage(_))), "{bad:?}");
         }
