@@ -48,13 +48,17 @@ start() {
 }
 
 # migrate FROM TO: a live migration with the device DMA-writing, checked.
+# COUNTER (0x08) and CHECKSUM (0x60) are not compared: they move on with
+# every 5 ms tick once the destination runs, while the source stays
+# stopped; the destination's log has the values it restored. (Its own
+# checksum check of the guest buffer needs a tick while vfuctl, which owns
+# the guest memory, is still connected, which is mostly not the case.)
 migrate() {
     local sets=()
     for i in $(seq 0 15); do sets+=(--set "bar0:$((0x10 + 4 * i))=$((0x2000 * (i + 1) + i))"); done
     "$vfuctl" migrate --from "$run/$1.sock" --to "$run/$2.sock" --guest-mem-mib 16 \
         "${sets[@]}" --set bar0:0x50=0 --set bar0:0x54=0 --set bar0:0x58=0x400000 --set bar0:0x0c=1 \
-        --verify --compare bar0:0x08:4 --compare bar0:0x10:64 --compare bar0:0x50:12 \
-        --compare bar0:0x60:4 "${@:3}"
+        --verify --compare bar0:0x0c:4 --compare bar0:0x10:64 --compare bar0:0x50:12 "${@:3}"
 }
 
 start ours ""
