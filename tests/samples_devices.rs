@@ -587,6 +587,64 @@ fn migdev_precopy_rest_precedes_final_record() {
     d.expect_clean_exit();
 }
 
+/// `--bulk-kib`: a bulk record of opaque state leads the pre-copy data; a
+/// destination started with the option takes it (checked as it arrives,
+/// a corrupted one refused at once), one without it has no room for it.
+#[test]
+fn migdev_bulk_state() {
+    let Some(bin) = samples() else { return };
+    let mut src = Device::spawn(bin, "migdev", &["--bulk-kib", "256"]);
+    let mut c = src.connect();
+    set_reg(&mut c, REG_SCRATCH, 0x6262);
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_PRE_COPY).unwrap();
+    let pre = c.mig_data_read_all(100_000).unwrap();
+    assert_eq!(pre.len(), 20 + 256 * 1024 + REC_LEN);
+    assert_eq!(&pre[8..12], &2u32.to_le_bytes()); // REC_FLAG_BULK
+    assert_eq!(pre[20 + 5], (5u32 * 131 + 7) as u8);
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_STOP_COPY).unwrap();
+    let fin = c.mig_data_read_all(100_000).unwrap();
+    assert_eq!(fin.len(), REC_LEN);
+    drop(c);
+    src.expect_clean_exit();
+    let mut stream = pre.clone();
+    stream.extend_from_slice(&fin);
+
+    // Into a destination with room for it: restored.
+    let mut d = Device::spawn(bin, "migdev", &["--bulk-kib", "256"]);
+    let mut c = d.connect();
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_RESUMING).unwrap();
+    c.mig_data_write(&stream).unwrap();
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_STOP).unwrap();
+    assert_eq!(reg(&mut c, REG_SCRATCH), 0x6262);
+    drop(c);
+    d.expect_clean_exit();
+    assert!(
+        d.log_text().contains("262144 bytes of bulk state"),
+        "{}",
+        d.log_text()
+    );
+
+    // A corrupted bulk record is refused as soon as it is complete.
+    let mut d = Device::spawn(bin, "migdev", &["--bulk-kib", "256"]);
+    let mut c = d.connect();
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_RESUMING).unwrap();
+    let mut bad = pre.clone();
+    bad[20 + 1000] ^= 1;
+    let e = c.mig_data_write(&bad).unwrap_err();
+    assert_eq!(e.server_errno(), Some(Errno::EINVAL));
+    drop(c);
+    d.expect_clean_exit();
+
+    // A destination without the option has no room for it.
+    let mut d = Device::spawn(bin, "migdev", &[]);
+    let mut c = d.connect();
+    c.set_mig_state(VFIO_USER_DEVICE_STATE_RESUMING).unwrap();
+    let e = c.mig_data_write(&stream).unwrap_err();
+    assert_eq!(e.server_errno(), Some(Errno::ENOSPC));
+    drop(c);
+    d.expect_clean_exit();
+}
+
 #[test]
 fn migdev_exits_cleanly_on_sigterm() {
     let Some(bin) = samples() else { return };
@@ -615,6 +673,9 @@ fn migdev_usage_errors() {
         &["--log"][..],
         &["/tmp/x", "--log", "loud"][..],
         &["a", "b"][..],
+        &["a", "--bulk-kib", "x"][..],
+        &["a", "--bulk-kib", "262145"][..],
+        &["a", "--bulk-kib"][..],
     ] {
         let st = Command::new(bin.join("migdev"))
             .args(args)

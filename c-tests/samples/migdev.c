@@ -13,9 +13,12 @@
  *
  * README.md next to this file has the register map and the state format.
  *
- * Usage: migdev SOCKET [--log LEVEL]
+ * Usage: migdev SOCKET [--log LEVEL] [--persist] [--bulk-kib N]
  *   LEVEL: emerg, alert, crit, err, warning, notice, info (default), debug,
  *          or a syslog level number 0-7.
+ *   --bulk-kib N: N KiB of extra opaque device state (a bulk record, sent
+ *          first in pre-copy), and accept bulk records of up to N KiB when
+ *          resuming; for migrations with large device state.
  *
  * Serves one client with a non-blocking context driven by poll(); exits 0
  * when the client disconnects, or on SIGTERM/SIGINT.
@@ -92,6 +95,8 @@
  *          88  u32  CHECKSUM
  *          92  u32  reserved, 0
  *
+ * Flags: REC_FLAG_FINAL (written in STOP_AND_COPY), REC_FLAG_BULK (a bulk
+ * record, below).
  * The source produces one record in PRE_COPY and one (flagged final) in
  * STOP_AND_COPY; a part of the pre-copy record left unread when the device
  * moves on to STOP_AND_COPY is sent before the final one. The destination accepts one or more records back to back;
@@ -103,7 +108,17 @@
 #define REC_PAYLOAD_LEN  96u
 #define REC_LEN          (REC_HDR_LEN + REC_PAYLOAD_LEN)
 #define REC_FLAG_FINAL   (1u << 0)
-/* Incoming migration data is bounded; far more than any valid stream. */
+/*
+ * A bulk record (--bulk-kib) carries opaque device state: any payload
+ * length up to BULK_MAX, bytes (i * 131 + 7) & 0xff, CRC-checked like the
+ * others and otherwise ignored when resuming. Never flagged final.
+ */
+#define REC_FLAG_BULK    (1u << 1)
+#define BULK_MAX         (256u * 1024 * 1024)
+/*
+ * Incoming migration data is bounded: far more than any valid stream, plus
+ * the bulk records --bulk-kib allows.
+ */
 #define MIG_IN_MAX       (64u * 1024)
 
 /* ---- the device ---------------------------------------------------------- */
@@ -136,13 +151,24 @@ struct migdev {
      * Outgoing migration data and read cursor: the pre-copy record, or the
      * unread rest of it followed by the final record.
      */
-    uint8_t out[2 * REC_LEN];
+    uint8_t *out;
+    size_t out_cap;
     size_t out_len;
     size_t out_pos;
 
-    /* Incoming migration data. */
+    /* Bulk record payload length (--bulk-kib), 0 for none. */
+    size_t bulk_len;
+
+    /* Incoming migration data, and its bound. */
     uint8_t *in;
     size_t in_len;
+    size_t in_max;
+    /*
+     * The leading bulk records already checked as they came in (bytes of
+     * the incoming data, and their payload bytes).
+     */
+    size_t in_checked;
+    size_t in_bulk;
 
     /* Logging of DMA failures: once per run of failures. */
     bool dma_failing;
@@ -582,6 +608,28 @@ encode_record(const struct migdev *d, uint8_t *rec, uint32_t flags)
     put32(rec + 16, crc);
 }
 
+/* Writes the bulk record (REC_HDR_LEN + d->bulk_len bytes) at `rec`. */
+static void
+encode_bulk(const struct migdev *d, uint8_t *rec)
+{
+    uint8_t *pl = rec + REC_HDR_LEN;
+    uint32_t crc;
+    size_t i;
+
+    memset(rec, 0, REC_HDR_LEN);
+    put32(rec + 0, REC_MAGIC);
+    put16(rec + 4, REC_VERSION);
+    put16(rec + 6, REC_HDR_LEN);
+    put32(rec + 8, REC_FLAG_BULK);
+    put32(rec + 12, (uint32_t)d->bulk_len);
+    for (i = 0; i < d->bulk_len; i++) {
+        pl[i] = (uint8_t)(i * 131 + 7);
+    }
+    crc = crc32_update(0, rec, 16);
+    crc = crc32_update(crc, pl, d->bulk_len);
+    put32(rec + 16, crc);
+}
+
 /*
  * Checks one record at `p` (`avail` bytes left in the stream). On success
  * returns its length and decodes it into `out` and `flags`; else -1 with a
@@ -603,6 +651,24 @@ decode_record(vfu_ctx_t *ctx, const uint8_t *p, size_t avail,
         vfu_log(ctx, LOG_ERR, "migration data: bad record magic %#" PRIx32,
                 get32(p));
         return -1;
+    }
+    if (get16(p + 4) == REC_VERSION && get16(p + 6) == REC_HDR_LEN &&
+        get32(p + 8) == REC_FLAG_BULK) {
+        uint32_t len = get32(p + 12);
+
+        if (len > BULK_MAX || avail - REC_HDR_LEN < len) {
+            vfu_log(ctx, LOG_ERR, "migration data: truncated bulk record (%"
+                    PRIu32 " bytes)", len);
+            return -1;
+        }
+        crc = crc32_update(0, p, 16);
+        crc = crc32_update(crc, p + REC_HDR_LEN, len);
+        if (crc != get32(p + 16)) {
+            vfu_log(ctx, LOG_ERR, "migration data: bulk record CRC mismatch");
+            return -1;
+        }
+        *flags = REC_FLAG_BULK;
+        return (ssize_t)(REC_HDR_LEN + len);
     }
     if (get16(p + 4) != REC_VERSION || get16(p + 6) != REC_HDR_LEN ||
         get32(p + 12) != REC_PAYLOAD_LEN) {
@@ -656,7 +722,7 @@ static int
 restore_state(struct migdev *d)
 {
     struct regs last;
-    size_t pos = 0;
+    size_t pos = d->in_checked, bulk = d->in_bulk;
     bool final = false;
     int nr = 0;
 
@@ -682,6 +748,10 @@ restore_state(struct migdev *d)
             return -1;
         }
         pos += (size_t)n;
+        if (flags == REC_FLAG_BULK) {
+            bulk += (size_t)n - REC_HDR_LEN;
+            continue;
+        }
         final = (flags & REC_FLAG_FINAL) != 0;
         nr++;
     }
@@ -697,8 +767,9 @@ restore_state(struct migdev *d)
     d->dma_failing = false;
     vfu_log(d->ctx, LOG_INFO, "state restored from %d record(s): counter %"
             PRIu32 ", ctrl %#" PRIx32 ", buffer %#" PRIx64 "+%#" PRIx32
-            ", checksum %#" PRIx32, nr, d->r.counter, d->r.ctrl,
-            d->r.dma_addr, d->r.dma_len, d->r.checksum);
+            ", checksum %#" PRIx32 "; %zu bytes of bulk state", nr,
+            d->r.counter, d->r.ctrl, d->r.dma_addr, d->r.dma_len,
+            d->r.checksum, bulk);
     return 0;
 }
 
@@ -719,12 +790,19 @@ migr_transition(vfu_ctx_t *ctx, vfu_migr_state_t state)
         free(d->in);
         d->in = NULL;
         d->in_len = 0;
+        d->in_checked = 0;
+        d->in_bulk = 0;
     }
 
     switch (state) {
     case VFU_MIGR_STATE_PRE_COPY:
-        encode_record(d, d->out, 0);
-        d->out_len = REC_LEN;
+        d->out_len = 0;
+        if (d->bulk_len > 0) {
+            encode_bulk(d, d->out);
+            d->out_len = REC_HDR_LEN + d->bulk_len;
+        }
+        encode_record(d, d->out + d->out_len, 0);
+        d->out_len += REC_LEN;
         d->out_pos = 0;
         break;
     case VFU_MIGR_STATE_STOP_AND_COPY:
@@ -736,6 +814,9 @@ migr_transition(vfu_ctx_t *ctx, vfu_migr_state_t state)
         if (from == VFU_MIGR_STATE_PRE_COPY) {
             memmove(d->out, d->out + d->out_pos, d->out_len - d->out_pos);
             d->out_len -= d->out_pos;
+        } else if (d->bulk_len > 0) {
+            encode_bulk(d, d->out);
+            d->out_len = REC_HDR_LEN + d->bulk_len;
         } else {
             d->out_len = 0;
         }
@@ -749,6 +830,8 @@ migr_transition(vfu_ctx_t *ctx, vfu_migr_state_t state)
         free(d->in);
         d->in = NULL;
         d->in_len = 0;
+        d->in_checked = 0;
+        d->in_bulk = 0;
         break;
     default:
         d->out_len = 0;
@@ -779,8 +862,8 @@ migr_write_data(vfu_ctx_t *ctx, void *buf, uint64_t size)
     struct migdev *d = dev_of(ctx);
     uint8_t *p;
 
-    if (size > MIG_IN_MAX - d->in_len) {
-        vfu_log(ctx, LOG_ERR, "migration data: more than %u bytes", MIG_IN_MAX);
+    if (size > d->in_max - d->in_len) {
+        vfu_log(ctx, LOG_ERR, "migration data: more than %zu bytes", d->in_max);
         errno = ENOSPC;
         return -1;
     }
@@ -795,6 +878,26 @@ migr_write_data(vfu_ctx_t *ctx, void *buf, uint64_t size)
     memcpy(p + d->in_len, buf, size);
     d->in = p;
     d->in_len += size;
+    /*
+     * Check bulk records as soon as they are complete, so that the move out
+     * of RESUME (inside the downtime) only has the small records left.
+     */
+    while (d->in_len - d->in_checked >= REC_HDR_LEN &&
+           get32(d->in + d->in_checked + 8) == REC_FLAG_BULK &&
+           d->in_len - d->in_checked - REC_HDR_LEN >=
+               get32(d->in + d->in_checked + 12)) {
+        struct regs unused;
+        uint32_t flags = 0;
+        ssize_t n = decode_record(ctx, d->in + d->in_checked,
+                                  d->in_len - d->in_checked, &unused, &flags);
+
+        if (n < 0 || flags != REC_FLAG_BULK) {
+            errno = EINVAL;
+            return -1;
+        }
+        d->in_checked += (size_t)n;
+        d->in_bulk += (size_t)n - REC_HDR_LEN;
+    }
     return (ssize_t)size;
 }
 
@@ -869,10 +972,12 @@ parse_level(const char *s)
 static void
 usage(const char *prog)
 {
-    fprintf(stderr, "usage: %s SOCKET [--log LEVEL] [--persist]\n"
+    fprintf(stderr, "usage: %s SOCKET [--log LEVEL] [--persist] [--bulk-kib N]\n"
             "  LEVEL: emerg alert crit err warning notice info debug, or 0-7\n"
             "  --persist: serve one client after another instead of exiting\n"
-            "             when the first disconnects\n",
+            "             when the first disconnects\n"
+            "  --bulk-kib N: N KiB (at most 262144) of extra device state sent\n"
+            "             in pre-copy; as a destination, accept that much\n",
             prog);
 }
 
@@ -980,6 +1085,7 @@ main(int argc, char *argv[])
     struct sigaction sa;
     const char *path = NULL;
     bool persist = false;
+    unsigned long bulk_kib = 0;
     int level = LOG_INFO;
     struct migdev d;
     int i, ret = -1;
@@ -994,6 +1100,17 @@ main(int argc, char *argv[])
             }
         } else if (strcmp(argv[i], "--persist") == 0) {
             persist = true;
+        } else if (strcmp(argv[i], "--bulk-kib") == 0 && i + 1 < argc) {
+            char *end;
+
+            errno = 0;
+            bulk_kib = strtoul(argv[++i], &end, 0);
+            if (errno != 0 || *end != '\0' || argv[i][0] == '-' ||
+                bulk_kib > BULK_MAX / 1024) {
+                fprintf(stderr, "migdev: bad --bulk-kib %s\n", argv[i]);
+                usage(argv[0]);
+                return EXIT_FAILURE;
+            }
         } else if (argv[i][0] != '-' && path == NULL) {
             path = argv[i];
         } else {
@@ -1017,9 +1134,15 @@ main(int argc, char *argv[])
 
     memset(&d, 0, sizeof(d));
     d.state = VFU_MIGR_STATE_RUNNING;
+    d.bulk_len = bulk_kib * 1024;
+    d.in_max = MIG_IN_MAX + (d.bulk_len > 0 ? REC_HDR_LEN + d.bulk_len : 0);
+    d.out_cap = 2 * REC_LEN + (d.bulk_len > 0 ? REC_HDR_LEN + d.bulk_len : 0);
+    d.out = malloc(d.out_cap);
     d.sg = calloc(1, dma_sg_size());
-    if (d.sg == NULL) {
+    if (d.sg == NULL || d.out == NULL) {
         perror("migdev: calloc");
+        free(d.sg);
+        free(d.out);
         return EXIT_FAILURE;
     }
 
@@ -1029,6 +1152,7 @@ main(int argc, char *argv[])
         fprintf(stderr, "migdev: cannot create context on %s: %s\n", path,
                 strerror(errno));
         free(d.sg);
+        free(d.out);
         return EXIT_FAILURE;
     }
 
@@ -1079,5 +1203,6 @@ out:
     free(d.shadow);
     free(d.in);
     free(d.sg);
+    free(d.out);
     return ret == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

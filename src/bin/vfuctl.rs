@@ -29,12 +29,13 @@ const READ_OPTS: [Opt; 2] = [flag("raw"), valued("timeout")];
 /// Options of `vfuctl write`.
 const WRITE_OPTS: [Opt; 2] = [valued("width"), valued("timeout")];
 /// Options of `vfuctl migrate`.
-pub(crate) const MIGRATE_OPTS: [Opt; 12] = [
+pub(crate) const MIGRATE_OPTS: [Opt; 13] = [
     valued("from"),
     valued("to"),
     valued("guest-mem-mib"),
     valued("pre-copy-rounds"),
     valued("threshold"),
+    valued("chunk"),
     valued("set"),
     valued("compare"),
     flag("verify"),

@@ -161,7 +161,22 @@ pub struct ClientOptions {
     /// Capabilities JSON sent instead of the one built from the fields
     /// above (without its NUL), for tests of the server's parser.
     pub caps_json: Option<String>,
+    /// Most data bytes put into one request the client sends
+    /// (`MIG_DATA_WRITE`, `REGION_WRITE`), below the server's
+    /// `max_data_xfer_size`: servers that take a request body with a single
+    /// `recv()` (upstream libvfio-user's) only see a request whole if it
+    /// arrives in one piece. See [`DEFAULT_MAX_SEND_DATA`]. Must be
+    /// non-zero. Reads are not affected.
+    pub max_send_data: usize,
 }
+
+/// Default [`ClientOptions::max_send_data`]: 32 KiB. On Linux an AF_UNIX
+/// stream `sendmsg` is queued in pieces of at most 32 KiB of page
+/// fragments plus one small head (36544 bytes in all with 4 KiB pages), so
+/// a receiver that reads while the sender is still queueing gets only the
+/// first piece; a request of up to 32 KiB of data (plus its headers) is
+/// always one piece. Measured in docs/migration.md.
+pub const DEFAULT_MAX_SEND_DATA: usize = 32 * 1024;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -174,6 +189,7 @@ impl Default for ClientOptions {
             version_minor: VERSION_MINOR,
             timeout: Duration::from_secs(10),
             caps_json: None,
+            max_send_data: DEFAULT_MAX_SEND_DATA,
         }
     }
 }
@@ -568,6 +584,9 @@ impl Client {
         if opts.timeout.is_zero() {
             return invalid("timeout must be non-zero");
         }
+        if opts.max_send_data == 0 {
+            return invalid("max_send_data must be non-zero");
+        }
         let stream = UnixStream::connect(path.as_ref()).map_err(|e| ClientError::Io(e.into()))?;
         let conn = stream_conn(OwnedFd::from(stream), opts.timeout)?;
         Client::negotiate(conn, opts)
@@ -577,6 +596,9 @@ impl Client {
     pub fn from_fd(fd: OwnedFd, opts: ClientOptions) -> Result<Client> {
         if opts.timeout.is_zero() {
             return invalid("timeout must be non-zero");
+        }
+        if opts.max_send_data == 0 {
+            return invalid("max_send_data must be non-zero");
         }
         let conn = stream_conn(fd, opts.timeout)?;
         Client::negotiate(conn, opts)
@@ -661,6 +683,15 @@ impl Client {
     /// The options the client was connected with.
     pub fn options(&self) -> &ClientOptions {
         &self.opts
+    }
+
+    /// Changes [`ClientOptions::max_send_data`] from now on.
+    pub fn set_max_send_data(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return invalid("max_send_data must be non-zero");
+        }
+        self.opts.max_send_data = n;
+        Ok(())
     }
 
     /// Changes the bound on waits from now on (socket timeouts included).
@@ -1176,6 +1207,12 @@ impl Client {
         self.caps.max_data_xfer_size.max(1)
     }
 
+    /// Most data bytes in one request we send: the server's limit, and
+    /// what arrives whole at a server reading it with one `recv()`.
+    fn send_chunk(&self) -> usize {
+        self.xfer_chunk().min(self.opts.max_send_data).max(1)
+    }
+
     fn region_access_head(index: u32, offset: u64, count: usize) -> Result<Vec<u8>> {
         let count = u32::try_from(count)
             .map_err(|_| ClientError::InvalidArgument("access too large".into()))?;
@@ -1215,7 +1252,8 @@ impl Client {
     }
 
     /// `REGION_WRITE` of `data` at `offset`, split by the server's
-    /// `max_data_xfer_size`. Empty data sends nothing.
+    /// `max_data_xfer_size` and our `max_send_data`. Empty data sends
+    /// nothing.
     pub fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         self.region_write_impl(index, offset, data, false)
     }
@@ -1232,7 +1270,7 @@ impl Client {
         data: &[u8],
         posted: bool,
     ) -> Result<()> {
-        let chunk = self.xfer_chunk();
+        let chunk = self.send_chunk();
         let mut done = 0;
         while done < data.len() {
             let n = (data.len() - done).min(chunk);
@@ -1615,9 +1653,10 @@ impl Client {
 
     /// `MIG_DATA_WRITE` of `data`, split by the smaller of the two
     /// negotiated transfer sizes (servers check migration data against the
-    /// client's `max_data_xfer_size`, as upstream does).
+    /// client's `max_data_xfer_size`, as upstream does) and by our
+    /// `max_send_data`.
     pub fn mig_data_write(&mut self, data: &[u8]) -> Result<()> {
-        let chunk = self.xfer_chunk().min(self.opts.max_data_xfer_size).max(1);
+        let chunk = self.send_chunk().min(self.opts.max_data_xfer_size).max(1);
         for part in data.chunks(chunk) {
             let n = u32::try_from(part.len())
                 .map_err(|_| ClientError::InvalidArgument("chunk too large".into()))?;

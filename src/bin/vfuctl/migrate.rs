@@ -7,8 +7,15 @@
 //! source device keeps running, guided by its DMA dirty-page log; device
 //! state moves through MIG_DATA_READ / MIG_DATA_WRITE.
 //!
+//! Device data is streamed: the destination is moved to RESUMING before
+//! the source starts pre-copy, and each piece read from the source is
+//! written to the destination at once, so the downtime covers only the
+//! stop-copy data, the last dirty pages and the state changes.
+//!
 //! Once the destination has been asked to run, the source is never resumed:
-//! two running copies of a device are worse than a failed migration.
+//! two running copies of a device are worse than a failed migration. Before
+//! that, a failure moves the source back to the state it started in, and
+//! stops and resets the destination (docs/migration.md).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -37,16 +44,19 @@ DST, as a VMM would:
   2. with --guest-mem-mib N > 0, creates N MiB of guest memory for each side
      and maps it (with its fd) at IOVA 0 into each server;
   3. applies every --set to the source (to start a workload, say);
-  4. starts DMA dirty-page logging on the source, moves it to PRE_COPY (if
-     it supports that) while it keeps running, and runs pre-copy rounds:
-     read the device data available now, copy the guest pages dirtied
-     since the last round (everything in the first), until a round moves
-     at most --threshold bytes or --pre-copy-rounds rounds have run;
-  5. downtime: source to STOP_COPY, read the rest of its data, copy the last
-     dirty pages, stop logging, destination to RESUMING, write all the data,
-     destination to STOP then RUNNING; then the source goes to STOP.
+  4. moves the destination to RESUMING, starts DMA dirty-page logging on
+     the source, moves it to PRE_COPY (if it supports that) while it keeps
+     running, and runs pre-copy rounds: read the device data available now,
+     writing each piece to the destination as soon as it is read, and copy
+     the guest pages dirtied since the last round (everything in the
+     first), until a round moves at most --threshold bytes or
+     --pre-copy-rounds rounds have run;
+  5. downtime: source to STOP_COPY, stream the rest of its data to the
+     destination, copy the last dirty pages, stop logging, destination to
+     STOP then RUNNING; then the source goes to STOP.
 On failure before the destination runs, the source is moved back to the
-state it started in.
+state it started in, and the destination is moved from RESUMING to STOP
+and reset (DEVICE_RESET): it never runs with part of a state.
 
 Options:
   --from SOCKET            the source server (required)
@@ -55,6 +65,11 @@ Options:
   --pre-copy-rounds MAX    most pre-copy rounds (default 5; 0: no PRE_COPY)
   --threshold BYTES        a round moving at most this ends pre-copy
                            (default 65536)
+  --chunk BYTES            most device data per MIG_DATA_WRITE (and per
+                           region write) sent to a server (default 32768,
+                           what a server reading a request with one recv()
+                           gets whole; reads stay as large as the server
+                           allows)
   --set REGION:OFFSET=VALUE
                            32-bit write to the source before migrating
                            (repeatable)
@@ -72,9 +87,13 @@ Exit codes: 0 migrated; 2 bad arguments; 3 cannot connect, or a server went
 away or stopped answering; 4 a server refused a step (the message names
 it); 5 --verify or --compare found a difference; 1 local failure.";
 
-/// Most device data buffered (a device that never stops producing data
-/// must not exhaust our memory).
-const MAX_DEVICE_DATA: u64 = 1 << 30;
+/// Most device data moved (a device that never stops producing data must
+/// not keep the migration going forever).
+const MAX_DEVICE_DATA: u64 = 1 << 34;
+/// Size of the first MIG_DATA_READ in stop-copy.
+const STOP_COPY_FIRST_READ: usize = 64 << 10;
+/// Largest `--chunk`.
+const MAX_CHUNK: u64 = 1 << 30;
 /// Largest guest memory accepted: 16 GiB, whose dirty bitmap (512 KiB at
 /// 4 KiB pages) still fits in one DEVICE_FEATURE reply of the default
 /// transfer size.
@@ -113,6 +132,7 @@ struct Options {
     mem_mib: u64,
     max_rounds: u32,
     threshold: u64,
+    chunk: usize,
     sets: Vec<SetSpec>,
     compares: Vec<CompareSpec>,
     verify: bool,
@@ -187,7 +207,20 @@ fn parse_options(p: &Parsed) -> Result<Options, Failure> {
         Some(v) => u32::try_from(parse_u64(v)?)
             .map_err(|_| Failure::Usage("--pre-copy-rounds is too large".into()))?,
     };
+    let chunk = match p.value("chunk") {
+        None => vfio_user::client::DEFAULT_MAX_SEND_DATA,
+        Some(v) => {
+            let n = parse_u64(v)?;
+            if n == 0 || n > MAX_CHUNK {
+                return Err(Failure::Usage(format!(
+                    "--chunk must be between 1 and {MAX_CHUNK}"
+                )));
+            }
+            n as usize
+        }
+    };
     Ok(Options {
+        chunk,
         from: from.to_string(),
         to: to.to_string(),
         mem_mib,
@@ -224,9 +257,27 @@ struct Stats {
     page_size: u64,
     initial_pages: u64,
     dirty_pages: u64,
+    /// Device data written to the destination before the source stopped.
+    streamed_pre: u64,
     downtime: Duration,
+    down: Downtime,
     verify: Option<(bool, Duration)>,
     total: Duration,
+}
+
+/// The parts of the downtime.
+#[derive(Debug, Default)]
+struct Downtime {
+    /// Source to STOP_COPY.
+    stop: Duration,
+    /// MIG_DATA_READ from the source.
+    read: Duration,
+    /// MIG_DATA_WRITE to the destination.
+    write: Duration,
+    /// Last dirty-page harvest and copy, logging stop.
+    dirty_pages: Duration,
+    /// Destination to STOP then RUNNING.
+    resume: Duration,
 }
 
 impl Stats {
@@ -402,6 +453,10 @@ fn migrate(o: &Options, prog: &mut Progress) -> Result<(Stats, Compared), Failur
     let t_start = Instant::now();
     let mut src = connect(&o.from, "source", o.timeout, true)?;
     let mut dst = connect(&o.to, "destination", o.timeout, true)?;
+    for c in [&mut src, &mut dst] {
+        c.set_max_send_data(o.chunk)
+            .map_err(|e| Failure::Usage(format!("--chunk: {e}")))?;
+    }
     let src_flags = check_migratable(&mut src, "source")?;
     check_migratable(&mut dst, "destination")?;
     let src_state = src.mig_state().at("source: reading the migration state")?;
@@ -507,16 +562,25 @@ impl Session {
         ))
     }
 
-    /// Reads device data into `data`: in pre-copy until a short read (what
-    /// is available now), in stop-copy until an empty one (everything).
-    fn read_device(
+    /// Streams device data from the source to the destination: in
+    /// pre-copy until a short read (what is available now), in stop-copy
+    /// until an empty one (everything). Each piece is written as soon as it
+    /// is read. Returns the bytes moved; adds the time spent reading and
+    /// writing to `times` (read, write).
+    ///
+    /// Pre-copy reads ask for as much as the servers allow. Stop-copy reads
+    /// start at [`STOP_COPY_FIRST_READ`] and double while they come back
+    /// full: servers (ours and upstream's) send a reply as large as the
+    /// request whatever the device gave, so asking 1 MiB for the last
+    /// 64 KiB would put 1 MiB on the socket inside the downtime, twice
+    /// (the data, then the empty read that ends it).
+    fn stream_device(
         &mut self,
-        data: &mut Vec<u8>,
         until_empty: bool,
         what: &str,
         prog: &mut Progress,
         st: &mut Stats,
-        phase: &str,
+        times: &mut (Duration, Duration),
     ) -> Result<u64, Failure> {
         let chunk = self
             .src
@@ -524,26 +588,48 @@ impl Session {
             .max_data_xfer_size
             .min(self.src.server_caps().max_data_xfer_size)
             .max(1);
+        let phase = if until_empty { "stop-copy" } else { "pre-copy" };
+        let mut size = if until_empty {
+            STOP_COPY_FIRST_READ.min(chunk)
+        } else {
+            chunk
+        };
         let mut got = 0u64;
         loop {
-            let d = self.src.mig_data_read(chunk).at(what)?;
+            let t = Instant::now();
+            let d = self
+                .src
+                .mig_data_read(size)
+                .at(&format!("source: {what}: MIG_DATA_READ"))?;
+            times.0 += t.elapsed();
             let n = d.len() as u64;
-            got += n;
-            if data.len() as u64 + n > MAX_DEVICE_DATA {
+            if st.device_bytes() + n > MAX_DEVICE_DATA {
                 return Err(Failure::Refused(format!(
-                    "{what}: the device produced more than {} of migration data",
+                    "source: {what}: the device produced more than {} of migration data",
                     human_bytes(MAX_DEVICE_DATA)
                 )));
             }
-            data.extend_from_slice(&d);
+            if n > 0 {
+                let t = Instant::now();
+                self.dst.mig_data_write(&d).at(&format!(
+                    "destination: {what}: MIG_DATA_WRITE of {n} bytes (after {})",
+                    st.device_bytes()
+                ))?;
+                times.1 += t.elapsed();
+            }
+            got += n;
             if until_empty {
                 st.device_bytes_stop += n;
             } else {
                 st.device_bytes_pre += n;
+                st.streamed_pre += n;
             }
             prog.show(phase, st, false);
-            if n == 0 || (!until_empty && d.len() < chunk) {
+            if n == 0 || (!until_empty && d.len() < size) {
                 return Ok(got);
+            }
+            if d.len() == size {
+                size = size.saturating_mul(2).min(chunk);
             }
         }
     }
@@ -610,8 +696,9 @@ impl Session {
         mems: Option<&Mems>,
         pre_copy: bool,
     ) -> Result<(), Failure> {
-        let mut data = Vec::new();
         let mut src_state = self.src_initial;
+        // The destination takes data from the first pre-copy round on.
+        self.set_dst(self.dst_initial, VFIO_USER_DEVICE_STATE_RESUMING)?;
         if let Some((sm, _)) = mems {
             self.src
                 .dma_logging_start(st.page_size, &[(0, sm.len() as u64)])
@@ -623,10 +710,11 @@ impl Session {
             st.pre_copy = true;
             self.set_src(src_state, VFIO_USER_DEVICE_STATE_PRE_COPY)?;
             src_state = VFIO_USER_DEVICE_STATE_PRE_COPY;
+            let mut unused = (Duration::ZERO, Duration::ZERO);
             for round in 1..=o.max_rounds {
                 st.rounds = round;
-                let what = format!("source: pre-copy round {round}: MIG_DATA_READ");
-                let dev = self.read_device(&mut data, false, &what, prog, st, "pre-copy")?;
+                let what = format!("pre-copy round {round}");
+                let dev = self.stream_device(false, &what, prog, st, &mut unused)?;
                 let mut pages = 0;
                 if let Some(m) = mems {
                     let what = format!("source: pre-copy round {round}");
@@ -643,20 +731,18 @@ impl Session {
         // Downtime: the source stops here and the destination runs at the end.
         let t0 = Instant::now();
         self.set_src(src_state, VFIO_USER_DEVICE_STATE_STOP_COPY)?;
-        self.read_device(
-            &mut data,
-            true,
-            "source: stop-copy: MIG_DATA_READ",
-            prog,
-            st,
-            "stop-copy",
-        )?;
+        st.down.stop = t0.elapsed();
+        let mut rw = (Duration::ZERO, Duration::ZERO);
+        self.stream_device(true, "stop-copy", prog, st, &mut rw)?;
+        (st.down.read, st.down.write) = rw;
         if let Some(m) = mems {
+            let t = Instant::now();
             self.copy_memory(m, !full_copy_done, "source: stop-copy", st)?;
             self.src
                 .dma_logging_stop()
                 .at("source: stopping DMA dirty-page logging")?;
             self.logging = false;
+            st.down.dirty_pages = t.elapsed();
             if o.verify {
                 let tv = Instant::now();
                 let diff = first_difference(m)?;
@@ -672,14 +758,11 @@ impl Session {
         }
         prog.show("stop-copy", st, true);
 
-        self.set_dst(self.dst_initial, VFIO_USER_DEVICE_STATE_RESUMING)?;
-        self.dst.mig_data_write(&data).at(&format!(
-            "destination: MIG_DATA_WRITE of {} bytes",
-            data.len()
-        ))?;
+        let t = Instant::now();
         self.set_dst(VFIO_USER_DEVICE_STATE_RESUMING, VFIO_USER_DEVICE_STATE_STOP)?;
         self.dst_run_requested = true;
         self.set_dst(VFIO_USER_DEVICE_STATE_STOP, VFIO_USER_DEVICE_STATE_RUNNING)?;
+        st.down.resume = t.elapsed();
         st.downtime = t0.elapsed();
 
         self.set_src(
@@ -701,8 +784,9 @@ impl Session {
         if self.logging && self.src.dma_logging_stop().is_ok() {
             self.logging = false;
         }
+        // Only a destination asked to run may be running with the state.
+        let committed = self.dst_run_requested && (dst_running || dst_state.is_none());
         if self.src_touched {
-            let committed = dst_running || (self.dst_run_requested && dst_state.is_none());
             match self.src.mig_state() {
                 Err(_) => notes.push("the source's state is unknown".to_string()),
                 Ok(s) if committed => {
@@ -736,6 +820,7 @@ impl Session {
         }
         if self.dst_touched {
             notes.push(match dst_state {
+                Some(s) if !committed => self.stop_destination(s),
                 Some(s) => format!("the destination is in {}", state_name(s)),
                 None => "the destination's state is unknown".to_string(),
             });
@@ -744,6 +829,57 @@ impl Session {
             f
         } else {
             f.with_note(&notes.join("; "))
+        }
+    }
+
+    /// Brings a destination that must not run (it is in `s`) to STOP. One
+    /// still in RESUMING is reset first (DEVICE_RESET; the libraries take
+    /// it in RESUMING but not in STOP), so that a device that drops its
+    /// incoming data on a reset holds none of the source's state, then
+    /// moved to STOP. A device may refuse to leave RESUMING with an
+    /// incomplete state: it then stays there, not running. Returns what was
+    /// done.
+    fn stop_destination(&mut self, s: u32) -> String {
+        let d = &mut self.dst;
+        match s {
+            VFIO_USER_DEVICE_STATE_RUNNING => {
+                // Not asked to run, so it never left RUNNING: it took no data.
+                return "the destination is still RUNNING (it took no data)".to_string();
+            }
+            VFIO_USER_DEVICE_STATE_STOP => return "the destination is in STOP".to_string(),
+            _ => {}
+        }
+        let reset = if s == VFIO_USER_DEVICE_STATE_RESUMING {
+            match d.reset() {
+                Ok(()) => " and reset".to_string(),
+                Err(e) => format!(" (DEVICE_RESET failed: {})", describe(&e)),
+            }
+        } else {
+            String::new()
+        };
+        let moved = d.set_mig_state(VFIO_USER_DEVICE_STATE_STOP);
+        let now = d.mig_state();
+        match (moved, now) {
+            (Ok(()), Ok(n)) => format!(
+                "the destination was moved from {} to {}{reset}",
+                state_name(s),
+                state_name(n)
+            ),
+            (Err(e), Ok(n)) => format!(
+                "the destination{} refused to leave {} ({}); it is in {} and does not run",
+                if reset == " and reset" {
+                    " was reset but"
+                } else {
+                    &reset
+                },
+                state_name(s),
+                describe(&e),
+                state_name(n)
+            ),
+            (_, Err(_)) => format!(
+                "the destination was in {}; its state is now unknown",
+                state_name(s)
+            ),
         }
     }
 }
@@ -845,6 +981,16 @@ fn print_summary(
             "initial_pages": st.initial_pages,
             "dirty_pages": st.dirty_pages,
             "downtime_ms": ms(st.downtime),
+            "downtime_parts_ms": {
+                "source_stop": ms(st.down.stop),
+                "stop_copy_read": ms(st.down.read),
+                "stop_copy_write": ms(st.down.write),
+                "dirty_pages": ms(st.down.dirty_pages),
+                "verify": st.verify.map(|(_, d)| ms(d)),
+                "resume": ms(st.down.resume),
+            },
+            "device_bytes_streamed_before_stop": st.streamed_pre,
+            "chunk": o.chunk,
             "total_ms": ms(st.total),
             "verify": st.verify.map(|(ok, d)| json!({"identical": ok, "ms": ms(d)})),
             "compare": cmp,
@@ -881,14 +1027,24 @@ fn print_summary(
     } else {
         println!("  guest memory: none");
     }
-    match st.verify {
-        Some((_, d)) => println!(
-            "  downtime: {:.3} ms (of which verify {:.3} ms)",
-            ms(st.downtime),
-            ms(d)
-        ),
-        None => println!("  downtime: {:.3} ms", ms(st.downtime)),
-    }
+    let verify = match st.verify {
+        Some((_, d)) => format!(", verify {:.3}", ms(d)),
+        None => String::new(),
+    };
+    let d = &st.down;
+    println!(
+        "  downtime: {:.3} ms (source stop {:.3}, stop-copy read {:.3}, write {:.3}, dirty pages {:.3}{verify}, resume {:.3})",
+        ms(st.downtime),
+        ms(d.stop),
+        ms(d.read),
+        ms(d.write),
+        ms(d.dirty_pages),
+        ms(d.resume)
+    );
+    println!(
+        "  streamed before the source stopped: {} bytes of device data",
+        st.streamed_pre
+    );
     println!("  total time: {:.3} ms", ms(st.total));
     if let Some((ok, _)) = st.verify {
         println!(
@@ -958,6 +1114,13 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((o.mem_mib, o.max_rounds, o.threshold), (0, 5, 65536));
+        assert_eq!(o.chunk, vfio_user::client::DEFAULT_MAX_SEND_DATA);
+        assert_eq!(
+            opts(&["--from", "a", "--to", "b", "--chunk", "0x1000"])
+                .unwrap()
+                .chunk,
+            4096
+        );
         assert_eq!(o.sets.len(), 2);
         assert!(o.progress && !o.json && !o.verify);
         let o = opts(&[
@@ -977,6 +1140,8 @@ mod tests {
             &["--from", "a", "--to", "b", "extra"],
             &["--from", "a", "--to", "b", "--guest-mem-mib", "1000000"],
             &["--from", "a", "--to", "b", "--pre-copy-rounds", "-1"],
+            &["--from", "a", "--to", "b", "--chunk", "0"],
+            &["--from", "a", "--to", "b", "--chunk", "0x40000001"],
         ] {
             assert!(matches!(opts(bad), Err(Failure::Usage(_))), "{bad:?}");
         }
