@@ -43,6 +43,10 @@ case $vfuctl in
     ;;
 esac
 
+# The physical path: a tree reached through a symlink (a subprojects/ link)
+# then shares cargo's fingerprints with the same tree reached directly.
+src=$(cd "$src" && pwd -P)
+
 # Never let build.rs write the generated header back into the source tree.
 unset VFU_UPDATE_HEADER
 
