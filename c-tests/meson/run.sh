@@ -8,12 +8,13 @@
 #                       -Dlibdir=/usr/local/lib (and the C library's option
 #                       names), compile, install with DESTDIR; only the
 #                       archive may land in libdir; the api-compat tests
-#                       then link it with -lvfio-user -pthread -ldl -lm -lrt
+#                       then link it with -lvfio-user -pthread -ldl -lm -lrt;
+#                       the CMake package offers it as libvfio-user::libvfio-user
 #   standalone-shared   the same with --buildtype release and
 #                       default_library=shared: the
 #                       .so -> .so.0 -> .so.VERSION chain with SONAME
 #                       libvfio-user.so.0 and no archive; api-compat tests
-#                       linked against it
+#                       linked against it; CMake finds the .so
 #   same-as-make-install  default_library=both installs exactly what
 #                       `make install` installs, file for file
 #   subproject-static,  a parent project (parent/, buildtype release) with
@@ -70,6 +71,19 @@ standalone() {
     (cd "$WORK/$NAME/dest" && find . | sort) >&2
 }
 
+# cmake_consumer TYPE: the installed CMake package, used from its DESTDIR
+# location, gives libvfio-user::libvfio-user as TYPE; the consumer built
+# with it runs.
+cmake_consumer() {
+    local type=$1 out
+    cmake -S "$HERE/cmake" -B "$WORK/$NAME/cmake" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$DEST" -DVFU_EXPECT_TYPE="$type" \
+        -DVFU_CONSUMER_C="$HERE/../consumers/consumer.c" >&2
+    cmake --build "$WORK/$NAME/cmake" >&2
+    out=$(LD_LIBRARY_PATH="$DEST/lib" "$WORK/$NAME/cmake/consumer" "$WORK/$NAME/consumer.sock")
+    [[ $out == ok ]] || die "the CMake consumer printed '$out'"
+}
+
 check_common_files() {
     local f
     for f in libvfio-user.h vfio-user.h pci_defs.h pci_caps/common.h pci_caps/dsn.h \
@@ -90,6 +104,7 @@ check_standalone_static() {
     local libs
     libs=$(cd "$DEST/lib" && find . -maxdepth 1 ! -type d | sort | tr '\n' ' ')
     [[ $libs == './libvfio-user.a ' ]] || die "lib/ holds '$libs', expected only libvfio-user.a"
+    cmake_consumer STATIC_LIBRARY
     "$HERE/../api-compat/run.sh" "$DEST" static
 }
 
@@ -109,6 +124,7 @@ check_standalone_shared() {
         die "libvfio-user.so.$version is not a file"
     soname=$(readelf -d "$DEST/lib/libvfio-user.so.$version" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
     [[ $soname == libvfio-user.so.0 ]] || die "SONAME is '$soname'"
+    cmake_consumer SHARED_LIBRARY
     "$HERE/../api-compat/run.sh" "$DEST" shared
 }
 
@@ -168,7 +184,7 @@ if [[ $# -eq 1 ]]; then
     mkdir -p "$1"
     TARGET=$(cd "$1" && pwd)
 fi
-for tool in "$MESON" ninja cargo readelf cc c++ python3; do
+for tool in "$MESON" ninja cargo readelf cc c++ python3 cmake make; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found"
 done
 log "meson $("$MESON" --version)"
