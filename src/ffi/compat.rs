@@ -12,7 +12,8 @@
 //! meaningful region count is. A 2025 call with a NULL register callback
 //! reads as `max_regions == 0`; that is accepted as upstream accepts it (no
 //! region can then ever be mapped, so neither stored callback is ever
-//! called) and logged as a warning. See docs/api-2025.md.
+//! called) and logged as a warning through the device's log function. See
+//! docs/api-2025.md.
 
 use std::ffi::c_int;
 use std::io::Write;
@@ -104,7 +105,8 @@ fn in_exec_mapping(v: usize) -> bool {
 }
 
 /// Logs `msg` at `level` through the context's log function, or on stderr
-/// when the device set up no log function that would show it.
+/// when the device set up no log function that would show it (for the
+/// refusal, which a device should not miss).
 pub(super) fn report(c: &Context, level: i32, msg: &str) {
     if c.log_enabled(level) {
         c.log(level, msg);
@@ -125,8 +127,8 @@ pub(super) fn check_max_regions(c: &Context, max_regions: usize) -> Result<(), &
         ));
     }
     if max_regions == 0 {
-        report(
-            c,
+        // Only through the device's log function: 0 is also a legal count.
+        c.log(
             log_level::WARNING,
             "vfu_setup_device_dma: max_regions is 0, so the client cannot map any DMA \
              region (a program built against the 2025 header that passes a NULL \
