@@ -8,6 +8,8 @@
 #   make so-dir               target/so-dir/libvfio-user.so for the Python test suite
 #   make check-consumers      install into a scratch prefix and build/run the
 #                             C consumer programs of c-tests/consumers against it
+#   make check-meson          the meson build (standalone and as a subproject)
+#                             and the 2025/2026 API forms (c-tests/meson)
 #   make check                every test (see the end of this file)
 #   make check-asan           C device tests and C sample devices under ASan+UBSan
 #   make sanitizers           Miri, ThreadSanitizer and check-asan
@@ -192,15 +194,15 @@ clean:
 # own "N passed, M failed" (or cargo's) summary. Stops at the first failure.
 CHECK_PREFIX := $(CARGO_TARGET_DIR)/check-prefix
 
-.PHONY: check check-deps check-rust check-c check-asan sanitizers
-check: check-deps check-rust check-c check-asan soak
+.PHONY: check check-deps check-rust check-c check-meson check-asan sanitizers
+check: check-deps check-rust check-c check-meson check-asan soak
 	@echo "make check: all checks passed"
 
 # Installs the Debian packages the checks need when it can (root with
 # apt-get), else says in one line what to install (scripts/check-deps.sh).
 check-deps:
 	@bash '$(SRCDIR)/scripts/check-deps.sh'
-check-rust check-c check-asan soak: check-deps
+check-rust check-c check-meson check-asan soak: check-deps
 
 check-rust:
 	$(CARGO) fmt --manifest-path '$(SRCDIR)/Cargo.toml' --all -- --check
@@ -219,6 +221,14 @@ check-c: build
 	bash '$(SRCDIR)/c-tests/configspace/run.sh' '$(CHECK_PREFIX)'
 	@if [ -x '$(SRCDIR)/c-tests/device/run.sh' ]; then \
 		bash '$(SRCDIR)/c-tests/device/run.sh' '$(CHECK_PREFIX)'; fi
+
+# The meson build (meson.build): standalone static/shared installs with
+# DESTDIR, the same files as `make install`, a parent project using this tree
+# as a subproject; and the 2025/2026 API forms (c-tests/api-compat) against
+# each. The meson builds share this cargo target directory, so they reuse
+# what `build` and check-rust compiled.
+check-meson: build
+	bash '$(SRCDIR)/c-tests/meson/run.sh' '$(CARGO_TARGET_DIR)'
 
 # The C device tests and the C sample devices built with
 # -fsanitize=address,undefined (leak checking on, no valgrind); the library

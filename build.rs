@@ -1,7 +1,8 @@
 //! Build steps beside rustc:
 //! - compile the variadic `vfu_log` shim (C);
 //! - give the shared library its SONAME and export list;
-//! - generate the API part of `libvfio-user.h` with cbindgen into OUT_DIR.
+//! - generate the API part of `libvfio-user.h` with cbindgen into OUT_DIR
+//!   (between the hand-written preamble and trailer of src/ffi).
 //!   `tests/header.rs` fails when the committed header differs; run
 //!   `VFU_UPDATE_HEADER=1 cargo build` to refresh the committed copy.
 
@@ -34,18 +35,21 @@ fn main() {
     for f in [
         "src/ffi/mod.rs",
         "src/ffi/header_preamble.h",
+        "src/ffi/header_trailer.h",
         "cbindgen.toml",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=VFU_UPDATE_HEADER");
     let preamble = std::fs::read_to_string(root.join("src/ffi/header_preamble.h")).unwrap();
+    let trailer = std::fs::read_to_string(root.join("src/ffi/header_trailer.h")).unwrap();
     let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).unwrap();
     let header = out.join("libvfio-user.h");
     cbindgen::Builder::new()
         .with_config(config)
         .with_src(root.join("src/ffi/mod.rs"))
         .with_after_include(preamble)
+        .with_trailer(trailer)
         .generate()
         .expect("cbindgen failed")
         .write_to_file(&header);

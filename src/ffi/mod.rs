@@ -11,6 +11,7 @@
 #![allow(non_camel_case_types)]
 
 pub mod boundary;
+mod compat;
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::unix::ffi::OsStrExt;
@@ -387,8 +388,14 @@ pub extern "C" fn vfu_setup_device_dma(
     dma_unregister: vfu_dma_unregister_cb_t,
 ) -> c_int {
     guard(|| {
-        let r = ctx(vfu_ctx)
-            .and_then(|c| c.setup_dma(max_regions, dma_cb(dma_register), dma_cb(dma_unregister)));
+        let r = ctx(vfu_ctx).and_then(|c| {
+            // A binary built against the 2025 header passes a callback here.
+            if let Err(msg) = compat::check_max_regions(c, max_regions) {
+                compat::report(c, crate::device::log_level::ERR, msg);
+                return Err(Errno::EINVAL);
+            }
+            c.setup_dma(max_regions, dma_cb(dma_register), dma_cb(dma_unregister))
+        });
         ret(r, |_| 0)
     })
 }
