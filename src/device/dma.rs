@@ -28,6 +28,7 @@
 //! * Dirty bitmaps are arrays of `AtomicU64`, set with `fetch_or` under the
 //!   read lock and harvested with `swap`, one 64-page word at a time.
 
+use super::dma_snap::{self, Snapshot};
 use super::dma_table::{RegionTable, Span};
 use super::rcu;
 use std::cell::Cell;
@@ -564,6 +565,9 @@ pub struct DmaController {
     /// Copy of `Inner::dirty_page_size` readable without the lock, to make
     /// `sgl_put` free when not logging.
     logging_page_size: AtomicU64,
+    /// Lock-free copy of the table while it is small (`dma_snap.rs`),
+    /// republished under the write lock after every change.
+    snap: Snapshot,
 }
 
 impl fmt::Debug for DmaController {
@@ -598,6 +602,7 @@ fn check_sg<'a>(region: &'a Region, sg: &DmaSg) -> Result<&'a Region> {
 }
 
 /// Whether `sg` fits a region of `len` bytes and protection `prot`.
+#[inline]
 fn check_range(len: u64, prot: i32, sg: &DmaSg) -> Result<()> {
     let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
     if end > len {
@@ -619,6 +624,7 @@ fn names_region(h: &Hint, sg: &DmaSg, generation: u64) -> bool {
         && h.start == sg.dma_addr as usize as u64
 }
 
+#[inline]
 fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
     sg.dma_addr = region_start as usize as *mut c_void;
     sg.region = id;
@@ -640,7 +646,21 @@ impl DmaController {
             max_size: MAX_DMA_SIZE,
             generation: AtomicU64::new(new_generation()),
             logging_page_size: AtomicU64::new(0),
+            snap: Snapshot::new(),
         }
+    }
+
+    /// Republishes the lock-free copy of the table; call with the write lock
+    /// held (`inner`), after every change to the table.
+    fn publish_snapshot(&self, inner: &Inner) {
+        let entries = inner.regions.values().map(|r| dma_snap::Entry {
+            start: r.iova,
+            len: r.len,
+            id: r.id,
+            vaddr: if r.mode == AccessMode::Mmap { r.vaddr } else { 0 },
+            prot: r.prot,
+        });
+        self.snap.publish(inner.regions.len(), entries);
     }
 
     fn table(&self) -> RwLockReadGuard<'_, Inner> {
@@ -785,6 +805,7 @@ impl DmaController {
         };
         let info = region.info();
         inner.regions.insert(Box::new(region));
+        self.publish_snapshot(&inner);
         // No new generation: a new region overlaps no existing one, so every
         // cached translation stays true (misses are never cached).
         Ok(info)
@@ -821,6 +842,7 @@ impl DmaController {
                 _ => return Err(Errno::ENOENT),
             }
             let region = inner.regions.remove(iova).ok_or(Errno::ENOENT)?;
+            self.publish_snapshot(&inner);
             self.bump_generation();
             region
         };
@@ -837,6 +859,7 @@ impl DmaController {
         let regions = {
             let mut inner = self.table_mut();
             let regions = inner.regions.take_all();
+            self.publish_snapshot(&inner);
             self.bump_generation();
             regions
         };
@@ -856,7 +879,40 @@ impl DmaController {
     /// than the `n` required (the first `sgl.len()` are filled anyway),
     /// `ENOENT` when part of the range is not mapped and `EACCES` when `prot`
     /// asks for `PROT_WRITE` on a read-only region. A zero length yields 0.
+    #[inline]
     pub fn addr_to_sgl(
+        &self,
+        iova: u64,
+        len: u64,
+        sgl: &mut [DmaSg],
+        prot: i32,
+    ) -> std::result::Result<usize, SglError> {
+        // Fastest path: few regions, and the range lies in one of them. A
+        // search of the lock-free copy of the table, no lock, no hashing.
+        if len > 0 {
+            if let Some(first) = sgl.first_mut() {
+                let end = iova.checked_add(len);
+                let hit = self.snap.read(|v| {
+                    v.containing(iova)
+                        .filter(|e| end.is_some_and(|end| end - e.start <= e.len))
+                });
+                if let Some(Some(e)) = hit {
+                    if prot & libc::PROT_WRITE != 0 && e.prot & libc::PROT_WRITE == 0 {
+                        return Err(SglError::Errno(Errno::EACCES));
+                    }
+                    fill_sg(first, e.start, e.id, iova, len, prot);
+                    return Ok(1);
+                }
+            }
+        }
+        self.addr_to_sgl_cached(iova, len, sgl, prot)
+    }
+
+    /// [`Self::addr_to_sgl`] past the lock-free copy: the thread's
+    /// translation cache, then the table under its read lock. Kept out of
+    /// line so that the fast path saves no registers.
+    #[inline(never)]
+    fn addr_to_sgl_cached(
         &self,
         iova: u64,
         len: u64,
@@ -924,10 +980,39 @@ impl DmaController {
     ///
     /// The addresses stay valid until the region is unregistered; the device
     /// must drop them in its unregister callback.
+    #[inline]
     pub fn sgl_get(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
         }
+        // Few regions: every entry checked against the lock-free copy of the
+        // table, in one consistent read. Entries it does not know (stale,
+        // made up, or of an unmapped region) go the long way, for their errno.
+        let fast = self.snap.read(|v| {
+            for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
+                let e = v
+                    .named(sg.dma_addr as usize as u64, sg.region)
+                    .filter(|e| sg.region != 0 && e.vaddr != 0)?;
+                if let Err(err) = check_range(e.len, e.prot, sg) {
+                    return Some(Err(err));
+                }
+                // In bounds: offset + length <= the region's length, and the
+                // mapping covers the whole region.
+                out.iov_base = (e.vaddr + sg.offset as usize) as *mut c_void;
+                out.iov_len = sg.length as usize;
+            }
+            Some(Ok(()))
+        });
+        if let Some(Some(r)) = fast {
+            return r;
+        }
+        self.sgl_get_cached(sgl, iov)
+    }
+
+    /// [`Self::sgl_get`] past the lock-free copy (out of line, as
+    /// [`Self::addr_to_sgl_cached`]). `iov` is at least as long as `sgl`.
+    #[inline(never)]
+    fn sgl_get_cached(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
         // Entries this thread's cache knows are answered without the lock:
         // that only computes addresses, touching neither the table nor a
         // region. The lock is taken from the first entry it does not know.
@@ -959,16 +1044,23 @@ impl DmaController {
 
     /// Releases entries obtained with [`Self::sgl_get`]: marks the writeable
     /// ones dirty while logging. Invalid entries are ignored.
+    #[inline]
     pub fn sgl_put(&self, sgl: &[DmaSg]) {
         self.sgl_mark_dirty(sgl);
     }
 
     /// Marks the writeable entries of `sgl` dirty while logging (no-op
-    /// otherwise). Invalid entries are ignored.
+    /// otherwise: one load). Invalid entries are ignored.
+    #[inline]
     pub fn sgl_mark_dirty(&self, sgl: &[DmaSg]) {
-        if self.logging_page_size.load(Ordering::Acquire) == 0 {
-            return;
+        if self.logging_page_size.load(Ordering::Acquire) != 0 {
+            self.sgl_mark_dirty_logging(sgl);
         }
+    }
+
+    /// [`Self::sgl_mark_dirty`] while logging (out of line).
+    #[inline(never)]
+    fn sgl_mark_dirty_logging(&self, sgl: &[DmaSg]) {
         let inner = self.table();
         let page_size = inner.dirty_page_size;
         if page_size == 0 {

@@ -14,6 +14,7 @@
 pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
+mod dma_snap;
 mod dma_table;
 pub mod irq;
 pub mod migration;
