@@ -31,7 +31,9 @@
  * trip against a socket floor (a plain thread that answers the same request
  * with the same number of bytes).
  *
- * -q: fewer, shorter rounds (a smoke run).
+ * -q: fewer, shorter rounds (a smoke run). -r N: N rounds (default 15).
+ * -o ROWS: only these rows, a comma-separated list of io1, io4, io64, run
+ * and mig (e.g. for instruction counts under valgrind).
  */
 
 #define _GNU_SOURCE
@@ -63,6 +65,24 @@
 #define MIG_CHUNK (1u << 20)
 
 static int rounds = 15;
+static const char *only;
+
+/* Whether row `name` is to run (-o). */
+static bool
+wanted(const char *name)
+{
+    size_t n = strlen(name);
+
+    if (only == NULL) {
+        return true;
+    }
+    for (const char *p = only; (p = strstr(p, name)) != NULL; p += n) {
+        if ((p == only || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) {
+            return true;
+        }
+    }
+    return false;
+}
 static uint64_t ios_per_round = 200000;
 
 /* ------------------------------------------------------------------------ */
@@ -897,7 +917,7 @@ main(int argc, char **argv)
     int opt;
 
     setvbuf(stdout, NULL, _IOLBF, 0);
-    while ((opt = getopt(argc, argv, "qr:")) != -1) {
+    while ((opt = getopt(argc, argv, "qr:o:")) != -1) {
         switch (opt) {
         case 'q':
             rounds = 3;
@@ -909,6 +929,9 @@ main(int argc, char **argv)
                 fprintf(stderr, "spdk_io: -r takes 1..64\n");
                 return 2;
             }
+            break;
+        case 'o':
+            only = optarg;
             break;
         default:
             goto usage;
@@ -935,13 +958,23 @@ main(int argc, char **argv)
         printf("  %s\n", libs[i].path);
     }
     print_header();
-    bench_io(1);
-    bench_io(4);
-    bench_io(64);
-    bench_run_ctx();
-    bench_mig();
+    if (wanted("io1")) {
+        bench_io(1);
+    }
+    if (wanted("io4")) {
+        bench_io(4);
+    }
+    if (wanted("io64")) {
+        bench_io(64);
+    }
+    if (wanted("run")) {
+        bench_run_ctx();
+    }
+    if (wanted("mig")) {
+        bench_mig();
+    }
     return 0;
 usage:
-    fprintf(stderr, "usage: %s [-q] [-r ROUNDS] LIB.so [LIB.so ...]\n", argv[0]);
+    fprintf(stderr, "usage: %s [-q] [-r ROUNDS] [-o ROWS] LIB.so [LIB.so ...]\n", argv[0]);
     return 2;
 }

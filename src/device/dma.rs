@@ -70,6 +70,10 @@ pub struct DmaSg {
     pub offset: u64,
     /// Whether the range was translated for writing.
     pub writeable: bool,
+    /// Where the region was found in the controller's lock-free copy of the
+    /// table, so that `sgl_get` looks there first (a hint: checked, and
+    /// searched for when wrong). Upstream's layout has padding here.
+    pub(crate) hint: u8,
 }
 
 impl Default for DmaSg {
@@ -80,6 +84,7 @@ impl Default for DmaSg {
             length: 0,
             offset: 0,
             writeable: false,
+            hint: 0,
         }
     }
 }
@@ -626,6 +631,20 @@ fn names_region(h: &Hint, sg: &DmaSg, generation: u64) -> bool {
 
 #[inline]
 fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
+    fill_sg_hinted(sg, region_start, id, addr, len, prot, 0);
+}
+
+#[inline]
+fn fill_sg_hinted(
+    sg: &mut DmaSg,
+    region_start: u64,
+    id: usize,
+    addr: u64,
+    len: u64,
+    prot: i32,
+    hint: u8,
+) {
+    sg.hint = hint;
     sg.dma_addr = region_start as usize as *mut c_void;
     sg.region = id;
     sg.offset = addr - region_start;
@@ -659,6 +678,7 @@ impl DmaController {
             id: r.id,
             vaddr: if r.mode == AccessMode::Mmap { r.vaddr } else { 0 },
             prot: r.prot,
+            slot: 0,
         });
         self.snap.publish(inner.regions.len(), entries);
     }
@@ -887,25 +907,68 @@ impl DmaController {
         sgl: &mut [DmaSg],
         prot: i32,
     ) -> std::result::Result<usize, SglError> {
-        // Fastest path: few regions, and the range lies in one of them. A
-        // search of the lock-free copy of the table, no lock, no hashing.
-        if len > 0 {
-            if let Some(first) = sgl.first_mut() {
-                let end = iova.checked_add(len);
-                let hit = self.snap.read(|v| {
-                    v.containing(iova)
-                        .filter(|e| end.is_some_and(|end| end - e.start <= e.len))
-                });
-                if let Some(Some(e)) = hit {
-                    if prot & libc::PROT_WRITE != 0 && e.prot & libc::PROT_WRITE == 0 {
-                        return Err(SglError::Errno(Errno::EACCES));
-                    }
-                    fill_sg(first, e.start, e.id, iova, len, prot);
-                    return Ok(1);
-                }
+        if let Some(first) = sgl.first_mut() {
+            if self.addr_to_sg_fast(iova, len, first, prot) {
+                return Ok(1);
             }
         }
         self.addr_to_sgl_cached(iova, len, sgl, prot)
+    }
+
+    /// The fastest translation: with few regions (the lock-free copy of the
+    /// table, `dma_snap.rs`), a non-empty range inside one region that
+    /// allows `prot` is a search of a small sorted array, without lock or
+    /// hashing. Fills `sg` and returns true; false when the full path
+    /// ([`Self::addr_to_sgl`]) must answer, errors included.
+    ///
+    /// Never panics (the C entry points run it outside their panic guard).
+    #[inline(always)]
+    pub fn addr_to_sg_fast(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
+        let end = iova.wrapping_add(len);
+        if len == 0 || end < iova {
+            return false;
+        }
+        // `end - start` cannot wrap: the hit contains iova, so start <= iova < end.
+        let hit = self
+            .snap
+            .read(|v| v.containing(iova).filter(|e| end - e.start <= e.len));
+        match hit {
+            Some(Some(e)) if prot & libc::PROT_WRITE == 0 || e.prot & libc::PROT_WRITE != 0 => {
+                fill_sg_hinted(sg, e.start, e.id, iova, len, prot, e.slot);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The fastest `sgl_get` of one entry: with few regions, the local
+    /// address of an entry that names a live mapped region, fits it and
+    /// asks for no access it forbids. `None` when the full path
+    /// ([`Self::sgl_get`]) must answer (it also gives the errno of a stale
+    /// or made-up entry).
+    ///
+    /// Never panics (the C entry points run it outside their panic guard).
+    #[inline(always)]
+    pub fn sg_addr_fast(&self, sg: &DmaSg) -> Option<*mut c_void> {
+        if sg.region == 0 {
+            return None;
+        }
+        let addr = self.snap.read(|v| {
+            let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
+            if e.vaddr == 0 || check_range(e.len, e.prot, sg).is_err() {
+                return None;
+            }
+            // In bounds: offset + length <= the region's length, and the
+            // mapping covers the whole region.
+            Some(e.vaddr.wrapping_add(sg.offset as usize))
+        })??;
+        Some(addr as *mut c_void)
+    }
+
+    /// Whether dirty pages are being logged (so `sgl_put` has work to do).
+    #[inline(always)]
+    pub fn logging(&self) -> bool {
+        self.logging_page_size.load(Ordering::Acquire) != 0
     }
 
     /// [`Self::addr_to_sgl`] past the lock-free copy: the thread's
@@ -985,28 +1048,22 @@ impl DmaController {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
         }
-        // Few regions: every entry checked against the lock-free copy of the
-        // table, in one consistent read. Entries it does not know (stale,
-        // made up, or of an unmapped region) go the long way, for their errno.
-        let fast = self.snap.read(|v| {
-            for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-                let e = v
-                    .named(sg.dma_addr as usize as u64, sg.region)
-                    .filter(|e| sg.region != 0 && e.vaddr != 0)?;
-                if let Err(err) = check_range(e.len, e.prot, sg) {
-                    return Some(Err(err));
-                }
-                // In bounds: offset + length <= the region's length, and the
-                // mapping covers the whole region.
-                out.iov_base = (e.vaddr + sg.offset as usize) as *mut c_void;
-                out.iov_len = sg.length as usize;
-            }
-            Some(Ok(()))
-        });
-        if let Some(Some(r)) = fast {
-            return r;
+        // Few regions: each entry checked against the lock-free copy of the
+        // table. Entries it does not know (stale, made up, of an unmapped
+        // region, or refused) go the long way, for their errno.
+        let mut known = 0;
+        for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
+            let Some(addr) = self.sg_addr_fast(sg) else {
+                break;
+            };
+            out.iov_base = addr;
+            out.iov_len = sg.length as usize;
+            known += 1;
         }
-        self.sgl_get_cached(sgl, iov)
+        if known == sgl.len() {
+            return Ok(());
+        }
+        self.sgl_get_cached(&sgl[known..], &mut iov[known..])
     }
 
     /// [`Self::sgl_get`] past the lock-free copy (out of line, as
@@ -2061,6 +2118,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(DmaSg, length), 16);
         assert_eq!(std::mem::offset_of!(DmaSg, offset), 24);
         assert_eq!(std::mem::offset_of!(DmaSg, writeable), 32);
+        // The lookup hint lives in what upstream leaves as padding.
+        assert_eq!(std::mem::offset_of!(DmaSg, hint), 33);
         assert_eq!(std::mem::size_of::<DmaInfo>(), 56);
         assert_eq!(std::mem::offset_of!(DmaInfo, iova), 0);
         assert_eq!(std::mem::offset_of!(DmaInfo, vaddr), 16);

@@ -30,7 +30,7 @@ use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 /// Most regions the copy holds; with more, it is marked absent.
 pub(crate) const CAPACITY: usize = 64;
-const _: () = assert!(CAPACITY.is_power_of_two());
+const _: () = assert!(CAPACITY.is_power_of_two() && CAPACITY <= 256);
 
 /// `count` when the copy is absent (too many regions).
 const ABSENT: usize = usize::MAX;
@@ -44,6 +44,8 @@ pub(crate) struct Entry {
     /// Local address of the first byte when the region is mapped, else 0.
     pub vaddr: usize,
     pub prot: i32,
+    /// Position in the copy (filled in by readers; ignored by `publish`).
+    pub slot: u8,
 }
 
 /// The rest of an entry beside its start (kept apart for the search).
@@ -82,16 +84,15 @@ impl View<'_> {
             id: s.id.load(Ordering::Relaxed),
             vaddr: s.vaddr.load(Ordering::Relaxed),
             prot: s.prot.load(Ordering::Relaxed) as i32,
+            // i < CAPACITY <= 256.
+            slot: i as u8,
         }
     }
 
-    /// The entry containing `addr`, if any: a branch-free binary search for
-    /// the last entry starting at or before it.
+    /// Index of the last entry starting at or before `addr` (0 when none
+    /// does): a branch-free binary search. `n > 0`.
     #[inline]
-    pub fn containing(&self, addr: u64) -> Option<Entry> {
-        if self.n == 0 {
-            return None;
-        }
+    fn last_at_or_before(&self, addr: u64) -> usize {
         let mut base = 0usize;
         let mut size = self.n;
         while size > 1 {
@@ -103,16 +104,37 @@ impl View<'_> {
             base += half * usize::from(below);
             size -= half;
         }
-        let e = self.entry(base % CAPACITY);
+        base % CAPACITY
+    }
+
+    /// The entry containing `addr`, if any.
+    #[inline]
+    pub fn containing(&self, addr: u64) -> Option<Entry> {
+        if self.n == 0 {
+            return None;
+        }
+        let e = self.entry(self.last_at_or_before(addr));
         // `addr - start < len` also rejects an address below the first entry.
         (addr >= e.start && addr - e.start < e.len).then_some(e)
     }
 
-    /// The entry that starts exactly at `start` and has identifier `id`.
+    /// The entry that starts exactly at `start` and has identifier `id`,
+    /// looked for first at position `hint` (where a translation found it),
+    /// then searched.
     #[inline]
-    pub fn named(&self, start: u64, id: usize) -> Option<Entry> {
-        self.containing(start)
-            .filter(|e| e.start == start && e.id == id)
+    pub fn named(&self, start: u64, id: usize, hint: u8) -> Option<Entry> {
+        let hint = usize::from(hint);
+        if hint < self.n {
+            let e = self.entry(hint % CAPACITY);
+            if e.start == start && e.id == id {
+                return Some(e);
+            }
+        }
+        if self.n == 0 {
+            return None;
+        }
+        let e = self.entry(self.last_at_or_before(start));
+        (e.start == start && e.id == id).then_some(e)
     }
 }
 
@@ -198,6 +220,7 @@ mod tests {
             id,
             vaddr: start as usize + 1,
             prot: 3,
+            slot: 0,
         }
     }
 
@@ -207,7 +230,10 @@ mod tests {
         assert_eq!(snap.read(|v| v.containing(0)), Some(None));
         for n in [1usize, 2, 3, 4, 7, 63, 64] {
             let regions: Vec<Entry> = (0..n as u64)
-                .map(|i| e(0x1000 + i * 0x10000, 0x1000 * (i + 1), i as usize + 1))
+                .map(|i| Entry {
+                    slot: i as u8,
+                    ..e(0x1000 + i * 0x10000, 0x1000 * (i + 1), i as usize + 1)
+                })
                 .collect();
             snap.publish(n, regions.iter().copied());
             for r in &regions {
@@ -215,9 +241,12 @@ mod tests {
                     assert_eq!(snap.read(|v| v.containing(a)), Some(Some(*r)), "n={n} a={a:#x}");
                 }
                 assert_eq!(snap.read(|v| v.containing(r.start + r.len)), Some(None));
-                assert_eq!(snap.read(|v| v.named(r.start, r.id)), Some(Some(*r)));
-                assert_eq!(snap.read(|v| v.named(r.start, r.id + 1000)), Some(None));
-                assert_eq!(snap.read(|v| v.named(r.start + 1, r.id)), Some(None));
+                // Found with the right hint, a wrong one, or one out of range.
+                for hint in [r.slot, r.slot.wrapping_add(1), 200] {
+                    assert_eq!(snap.read(|v| v.named(r.start, r.id, hint)), Some(Some(*r)));
+                    assert_eq!(snap.read(|v| v.named(r.start, r.id + 1000, hint)), Some(None));
+                    assert_eq!(snap.read(|v| v.named(r.start + 1, r.id, hint)), Some(None));
+                }
             }
             assert_eq!(snap.read(|v| v.containing(0xfff)), Some(None));
             assert_eq!(snap.read(|v| v.containing(u64::MAX)), Some(None));
@@ -241,8 +270,18 @@ mod tests {
         // Two alternating tables; every consistent answer must come from one
         // of them, never a mix.
         let snap = std::sync::Arc::new(Snapshot::new());
-        let a: Vec<Entry> = (0..4).map(|i| e(i * 0x10000, 0x8000, 10 + i as usize)).collect();
-        let b: Vec<Entry> = (0..4).map(|i| e(i * 0x10000, 0x4000, 20 + i as usize)).collect();
+        let a: Vec<Entry> = (0..4)
+            .map(|i| Entry {
+                slot: i as u8,
+                ..e(i * 0x10000, 0x8000, 10 + i as usize)
+            })
+            .collect();
+        let b: Vec<Entry> = (0..4)
+            .map(|i| Entry {
+                slot: i as u8,
+                ..e(i * 0x10000, 0x4000, 20 + i as usize)
+            })
+            .collect();
         snap.publish(4, a.iter().copied());
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let w = {
