@@ -3,8 +3,9 @@
  * SPDK's per-I/O DMA call pattern, through the exported C functions of one or
  * more libvfio-user.so.0 builds loaded side by side in this process.
  *
- * usage: spdk_io [-q] [-r ROUNDS] LIB.so [LIB.so ...]
+ * usage: spdk_io [-q] [-r ROUNDS] [-o ROWS] [NAME=]LIB.so [[NAME=]LIB.so ...]
  *
+ * NAME (default: the path) labels a library's rows.
  * Every library is opened with dlopen(RTLD_LOCAL) from the path given, so two
  * builds of the same soname (ours and upstream's, say) run in one process,
  * measured in interleaved rounds on the same memory. Only the 2026 upstream
@@ -36,7 +37,7 @@
  * and mig (e.g. for instruction counts under valgrind).
  */
 
-#define _GNU_SOURCE
+#define _GNU_SOURCE /* memfd_create, pthread_setaffinity_np */
 #include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -159,6 +160,7 @@ rnd(void)
 
 struct lib {
     const char *path;
+    const char *name;
     void *handle;
     __typeof__(&vfu_create_ctx) create_ctx;
     __typeof__(&vfu_pci_init) pci_init;
@@ -190,8 +192,16 @@ sym(struct lib *l, const char *name)
 }
 
 static void
-load(struct lib *l, const char *path)
+load(struct lib *l, const char *arg)
 {
+    const char *eq = strchr(arg, '=');
+    const char *path = arg;
+
+    l->name = arg;
+    if (eq != NULL && strchr(eq, '/') != NULL && memchr(arg, '/', (size_t)(eq - arg)) == NULL) {
+        l->name = strndup(arg, (size_t)(eq - arg));
+        path = eq + 1;
+    }
     l->path = path;
     l->handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (l->handle == NULL) {
@@ -634,7 +644,7 @@ measure(struct dev *dev, int threads, bool copy)
 static void
 print_header(void)
 {
-    printf("%-34s %-44s %24s %24s %24s\n", "row", "library", "ns/op median [min-max]",
+    printf("%-34s %-12s %24s %24s %24s\n", "row", "library", "ns/op median [min-max]",
            "beyond floor [min-max]", "calls only [min-max]");
 }
 
@@ -643,7 +653,7 @@ report(const char *row, const char *lib, double *v, double *extra, double *calls
 {
     struct stat3 s = stats(v, n);
 
-    printf("%-34s %-44s %8.1f [%6.1f-%7.1f]", row, lib, s.med, s.min, s.max);
+    printf("%-34s %-12s %8.1f [%6.1f-%7.1f]", row, lib, s.med, s.min, s.max);
     if (extra) {
         struct stat3 e = stats(extra, n);
 
@@ -697,9 +707,9 @@ bench_io(int n)
         }
         snprintf(row, sizeof(row), "%d region%s, %d thread%s", n, n > 1 ? "s" : "",
                  th, th > 1 ? "s" : "");
-        report(row, "floor (4 KiB memcpy)", floor_ns[th - 1], NULL, NULL, rounds);
+        report(row, "floor", floor_ns[th - 1], NULL, NULL, rounds);
         for (int i = 0; i < nr_libs; i++) {
-            report(row, libs[i].path, lib_ns[th - 1][i], beyond[th - 1][i],
+            report(row, libs[i].name, lib_ns[th - 1][i], beyond[th - 1][i],
                    calls[th - 1][i], rounds);
         }
     }
@@ -732,7 +742,7 @@ bench_run_ctx(void)
         }
     }
     for (int i = 0; i < nr_libs; i++) {
-        report("vfu_run_ctx, nothing pending (NB)", libs[i].path, v[i], NULL, NULL,
+        report("vfu_run_ctx, nothing pending (NB)", libs[i].name, v[i], NULL, NULL,
                rounds);
         dev_stop(&devs[i]);
     }
@@ -894,11 +904,11 @@ bench_mig(void)
     }
     report("MIG_DATA_READ 1 MiB (ns; x floor)", "socket floor", fl, NULL, NULL, rounds);
     for (int i = 0; i < nr_libs; i++) {
-        report("MIG_DATA_READ 1 MiB (ns; x floor)", libs[i].path, v[i], NULL, NULL,
+        report("MIG_DATA_READ 1 MiB (ns; x floor)", libs[i].name, v[i], NULL, NULL,
                rounds);
         struct stat3 s = stats(ratio[i], rounds);
-        printf("%-34s %-44s %7.3fx [%5.3f-%5.3f]\n", "  ratio to the socket floor",
-               libs[i].path, s.med, s.min, s.max);
+        printf("%-34s %-12s %7.3fx [%5.3f-%5.3f]\n", "  ratio to the socket floor",
+               libs[i].name, s.med, s.min, s.max);
     }
     close(fsock[0]);
     pthread_join(ft, NULL);
@@ -955,7 +965,7 @@ main(int argc, char **argv)
     printf("spdk_io: %d rounds of %" PRIu64 " I/Os per side; libraries:\n", rounds,
            ios_per_round);
     for (int i = 0; i < nr_libs; i++) {
-        printf("  %s\n", libs[i].path);
+        printf("  %s: %s\n", libs[i].name, libs[i].path);
     }
     print_header();
     if (wanted("io1")) {
@@ -975,6 +985,6 @@ main(int argc, char **argv)
     }
     return 0;
 usage:
-    fprintf(stderr, "usage: %s [-q] [-r ROUNDS] [-o ROWS] LIB.so [LIB.so ...]\n", argv[0]);
+    fprintf(stderr, "usage: %s [-q] [-r ROUNDS] [-o ROWS] [NAME=]LIB.so ...\n", argv[0]);
     return 2;
 }

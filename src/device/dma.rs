@@ -676,7 +676,11 @@ impl DmaController {
             start: r.iova,
             len: r.len,
             id: r.id,
-            vaddr: if r.mode == AccessMode::Mmap { r.vaddr } else { 0 },
+            vaddr: if r.mode == AccessMode::Mmap {
+                r.vaddr
+            } else {
+                0
+            },
             prot: r.prot,
             slot: 0,
         });
@@ -2766,6 +2770,107 @@ mod tests {
         let fresh = sg1(&dma, 0x10000, PAGE, PROT_RW);
         assert_ne!(fresh.region, sg.region);
         dma.sgl_get(&[fresh], &mut iov).unwrap();
+    }
+
+    #[test]
+    fn small_table_copy_follows_every_change() {
+        // Up to dma_snap::CAPACITY regions the lock-free copy answers; past
+        // it the other paths do. Every answer must match the table, across
+        // the switch both ways, and a wrong or stale slot hint must never
+        // resolve to another region.
+        let n = dma_snap::CAPACITY + 2;
+        let dma = DmaController::new(n);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        let iova = |i: usize| 0x100_0000 + i as u64 * 4 * PAGE;
+        for i in 0..n {
+            dma.add_region(iova(i), 2 * PAGE, Some(memfd(2 * PAGE)), 0, PROT_RW, false)
+                .unwrap();
+            // Every region so far translates and maps; the gaps do not.
+            for j in 0..=i {
+                let sg = sg1(&dma, iova(j) + PAGE, PAGE, PROT_RW);
+                assert_eq!(sg.iova(), iova(j) + PAGE);
+                dma.sgl_get(&[sg], &mut iov).unwrap();
+                let mut wrong = sg;
+                wrong.hint = wrong.hint.wrapping_add(1);
+                dma.sgl_get(&[wrong], &mut iov).unwrap();
+                let mut out = [DmaSg::default()];
+                assert_eq!(
+                    dma.addr_to_sgl(iova(j) + 2 * PAGE, 1, &mut out, PROT_RW),
+                    Err(SglError::Errno(Errno::ENOENT))
+                );
+            }
+        }
+        // Remove from the front: the copy comes back below the capacity,
+        // and entries of removed regions stay dead whatever their hint.
+        for i in 0..n {
+            let sg = sg1(&dma, iova(i), PAGE, PROT_RW);
+            dma.remove_region(iova(i), 2 * PAGE).unwrap();
+            for hint in 0..=u8::MAX {
+                let mut stale = sg;
+                stale.hint = hint;
+                assert_eq!(dma.sgl_get(&[stale], &mut iov), Err(Errno::EINVAL));
+            }
+            if i + 1 < n {
+                let next = sg1(&dma, iova(i + 1), PAGE, PROT_RW);
+                dma.sgl_get(&[next], &mut iov).unwrap();
+            }
+        }
+        // Read-only regions refuse writable translations on every path.
+        dma.add_region(0x1000, PAGE, Some(memfd(PAGE)), 0, libc::PROT_READ, false)
+            .unwrap();
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x1000, PAGE, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::EACCES))
+        );
+        let ro = sg1(&dma, 0x1000, PAGE, libc::PROT_READ);
+        dma.sgl_get(&[ro], &mut iov).unwrap();
+        let mut forged = ro;
+        forged.writeable = true;
+        assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+    }
+
+    #[test]
+    fn small_table_copy_without_fds() {
+        // The lock-free copy's paths with message-only regions (no fds, so
+        // Miri runs it): translation through the copy, EFAULT from sgl_get
+        // for memory that is not mapped, EINVAL once the region is gone.
+        let dma = DmaController::new(8);
+        for i in 0..4u64 {
+            dma.add_region(i * 0x10000, 0x8000, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        for i in 0..4u64 {
+            let sg = sg1(&dma, i * 0x10000 + 0x100, 0x200, PROT_RW);
+            assert_eq!((sg.dma_addr as u64, sg.offset), (i * 0x10000, 0x100));
+            assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EFAULT));
+            // Crossing the region's end is not the fast path's to answer.
+            let mut out = [DmaSg::default(); 2];
+            assert_eq!(
+                dma.addr_to_sgl(i * 0x10000 + 0x7f00, 0x200, &mut out, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        let sg = sg1(&dma, 0x20000, 0x1000, PROT_RW);
+        dma.remove_region(0x20000, 0x8000).unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x20000, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        dma.remove_all();
+        assert_eq!(
+            dma.addr_to_sgl(0, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 /// Most regions the copy holds; with more, it is marked absent.
 pub(crate) const CAPACITY: usize = 64;
-const _: () = assert!(CAPACITY.is_power_of_two() && CAPACITY <= 256);
+// The search in `View::last_at_or_before` takes the steps of 64 entries.
+const _: () = assert!(CAPACITY == 64);
 
 /// `count` when the copy is absent (too many regions).
 const ABSENT: usize = usize::MAX;
@@ -90,21 +91,34 @@ impl View<'_> {
     }
 
     /// Index of the last entry starting at or before `addr` (0 when none
-    /// does): a branch-free binary search. `n > 0`.
+    /// does): a binary search in a fixed number of steps, without branches
+    /// on the data (random addresses would mispredict them). `n > 0`.
     #[inline]
     fn last_at_or_before(&self, addr: u64) -> usize {
-        let mut base = 0usize;
-        let mut size = self.n;
-        while size > 1 {
-            let half = size / 2;
-            // `base + half < n <= CAPACITY`: the mask (a power of two) only
-            // spares a bounds check.
-            let mid = (base + half) % CAPACITY;
-            let below = self.snap.starts[mid].load(Ordering::Relaxed) <= addr;
-            base += half * usize::from(below);
-            size -= half;
+        let n = self.n;
+        if n == 1 {
+            return 0;
         }
-        base % CAPACITY
+        // Straight-line steps, not a loop: in a loop the compiler turns the
+        // conditional moves back into branches.
+        let mut i = 0usize;
+        macro_rules! step {
+            ($s:expr) => {
+                let j = i + $s;
+                // `j % CAPACITY` only spares a bounds check: a `j` past the
+                // entries is refused by `j < n` anyway.
+                let start = self.snap.starts[j % CAPACITY].load(Ordering::Relaxed);
+                let take = j < n && start <= addr;
+                i += $s & usize::from(take).wrapping_neg();
+            };
+        }
+        step!(32);
+        step!(16);
+        step!(8);
+        step!(4);
+        step!(2);
+        step!(1);
+        i
     }
 
     /// The entry containing `addr`, if any.
@@ -232,19 +246,26 @@ mod tests {
             let regions: Vec<Entry> = (0..n as u64)
                 .map(|i| Entry {
                     slot: i as u8,
-                    ..e(0x1000 + i * 0x10000, 0x1000 * (i + 1), i as usize + 1)
+                    ..e(0x1000 + i * 0x10_0000, 0x1000 * (i + 1), i as usize + 1)
                 })
                 .collect();
             snap.publish(n, regions.iter().copied());
             for r in &regions {
                 for a in [r.start, r.start + r.len / 2, r.start + r.len - 1] {
-                    assert_eq!(snap.read(|v| v.containing(a)), Some(Some(*r)), "n={n} a={a:#x}");
+                    assert_eq!(
+                        snap.read(|v| v.containing(a)),
+                        Some(Some(*r)),
+                        "n={n} a={a:#x}"
+                    );
                 }
                 assert_eq!(snap.read(|v| v.containing(r.start + r.len)), Some(None));
                 // Found with the right hint, a wrong one, or one out of range.
                 for hint in [r.slot, r.slot.wrapping_add(1), 200] {
                     assert_eq!(snap.read(|v| v.named(r.start, r.id, hint)), Some(Some(*r)));
-                    assert_eq!(snap.read(|v| v.named(r.start, r.id + 1000, hint)), Some(None));
+                    assert_eq!(
+                        snap.read(|v| v.named(r.start, r.id + 1000, hint)),
+                        Some(None)
+                    );
                     assert_eq!(snap.read(|v| v.named(r.start + 1, r.id, hint)), Some(None));
                 }
             }
@@ -262,7 +283,10 @@ mod tests {
         );
         assert_eq!(snap.read(|v| v.containing(0)), None);
         snap.publish(1, [e(0, 0x1000, 9)].into_iter());
-        assert_eq!(snap.read(|v| v.containing(5)).flatten().map(|x| x.id), Some(9));
+        assert_eq!(
+            snap.read(|v| v.containing(5)).flatten().map(|x| x.id),
+            Some(9)
+        );
     }
 
     #[test]
