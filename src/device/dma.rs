@@ -933,9 +933,10 @@ impl DmaController {
             return false;
         }
         // `end - start` cannot wrap: the hit contains iova, so start <= iova < end.
-        let hit = self
-            .snap
-            .read(|v| v.containing(iova).filter(|e| end - e.start <= e.len));
+        let hit = self.snap.read(
+            #[inline(always)]
+            |v| v.containing(iova).filter(|e| end - e.start <= e.len),
+        );
         match hit {
             Some(Some(e)) if prot & libc::PROT_WRITE == 0 || e.prot & libc::PROT_WRITE != 0 => {
                 fill_sg_hinted(sg, e.start, e.id, iova, len, prot, e.slot);
@@ -957,7 +958,8 @@ impl DmaController {
         if sg.region == 0 {
             return None;
         }
-        let addr = self.snap.read(|v| {
+        #[inline(always)]
+        fn local(v: &dma_snap::View<'_>, sg: &DmaSg) -> Option<usize> {
             let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
             if e.vaddr == 0 || check_range(e.len, e.prot, sg).is_err() {
                 return None;
@@ -965,7 +967,11 @@ impl DmaController {
             // In bounds: offset + length <= the region's length, and the
             // mapping covers the whole region.
             Some(e.vaddr.wrapping_add(sg.offset as usize))
-        })??;
+        }
+        let addr = self.snap.read(
+            #[inline(always)]
+            |v| local(v, sg),
+        )??;
         Some(addr as *mut c_void)
     }
 

@@ -76,7 +76,7 @@ pub(crate) struct View<'a> {
 
 impl View<'_> {
     /// The entry at index `i` (`i < n`).
-    #[inline]
+    #[inline(always)]
     fn entry(&self, i: usize) -> Entry {
         let s = &self.snap.slots[i];
         Entry {
@@ -93,7 +93,7 @@ impl View<'_> {
     /// Index of the last entry starting at or before `addr` (0 when none
     /// does): a binary search in a fixed number of steps, without branches
     /// on the data (random addresses would mispredict them). `n > 0`.
-    #[inline]
+    #[inline(always)]
     fn last_at_or_before(&self, addr: u64) -> usize {
         let n = self.n;
         if n == 1 {
@@ -112,17 +112,29 @@ impl View<'_> {
                 i += $s & usize::from(take).wrapping_neg();
             };
         }
-        step!(32);
-        step!(16);
-        step!(8);
-        step!(4);
-        step!(2);
+        // Steps no smaller than `n` could never be taken: skipped, on a
+        // branch that goes the same way for every lookup in a table.
+        if n > 32 {
+            step!(32);
+        }
+        if n > 16 {
+            step!(16);
+        }
+        if n > 8 {
+            step!(8);
+        }
+        if n > 4 {
+            step!(4);
+        }
+        if n > 2 {
+            step!(2);
+        }
         step!(1);
         i
     }
 
     /// The entry containing `addr`, if any.
-    #[inline]
+    #[inline(always)]
     pub fn containing(&self, addr: u64) -> Option<Entry> {
         if self.n == 0 {
             return None;
@@ -135,7 +147,7 @@ impl View<'_> {
     /// The entry that starts exactly at `start` and has identifier `id`,
     /// looked for first at position `hint` (where a translation found it),
     /// then searched.
-    #[inline]
+    #[inline(always)]
     pub fn named(&self, start: u64, id: usize, hint: u8) -> Option<Entry> {
         let hint = usize::from(hint);
         if hint < self.n {
@@ -200,7 +212,7 @@ impl Snapshot {
     /// rewritten (the caller then takes its locked path). `f` may run on
     /// torn entries: it must only compute, and its answer is thrown away
     /// unless the check afterwards passes.
-    #[inline]
+    #[inline(always)]
     pub fn read<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
         let s = self.seq.load(Ordering::Acquire);
         if s & 1 != 0 {
