@@ -21,6 +21,12 @@
 //!   plain stores to a slot of the thread's own, paired with the
 //!   `membarrier` of the thread that removes a region, which waits for
 //!   sections in progress before it unmaps anything.
+//! * While the table holds at most 64 regions (guest RAM blocks, as SPDK's
+//!   target sees them), a lock-free copy of it (`dma_snap.rs`, a sequence
+//!   lock rewritten under the write lock on every change) answers
+//!   translation and `sgl_get` first, before the cache: a few compares,
+//!   no thread-local access, no lock. An entry remembers where the copy
+//!   held its region (a checked hint), so its `sgl_get` does not search.
 //! * A [`DmaSg`] names its region by a never-reused identifier plus the
 //!   region's start address. Every use re-validates both against the table
 //!   (an `O(log n)` lookup), so an entry for a region that was unmapped, or a
