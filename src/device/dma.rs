@@ -1351,6 +1351,47 @@ impl DmaController {
         need: i32,
         copy: impl FnOnce(*mut u8),
     ) -> Option<Result<()>> {
+        // Few regions: the lock-free copy of the table knows the entry's
+        // region (translations through it fill no thread cache).
+        let known = self.snap.read_at(
+            #[inline(always)]
+            |v| {
+                let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
+                // Not mapped: the locked path knows what to do instead.
+                if sg.region == 0 || e.vaddr == 0 {
+                    return None;
+                }
+                Some(
+                    check_range(e.len, e.prot, sg)
+                        .map(|()| (e.vaddr.wrapping_add(sg.offset as usize), e.prot)),
+                )
+            },
+        );
+        if let Some((Some(found), seq)) = known {
+            let (addr, prot) = match found {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            if prot & need == 0 {
+                return Some(Err(Errno::EACCES));
+            }
+            return TLB
+                .try_with(|t| {
+                    let _section = t.reader.enter();
+                    // As below: a removal (or logging start) published
+                    // before now is seen here, or waits for this section.
+                    if !self.snap.unchanged(seq)
+                        || (need & libc::PROT_WRITE != 0
+                            && self.logging_page_size.load(Ordering::Relaxed) != 0)
+                    {
+                        return None;
+                    }
+                    copy(addr as *mut u8);
+                    Some(Ok(()))
+                })
+                .ok()
+                .flatten();
+        }
         TLB.try_with(|t| {
             let (addr, prot, generation) = match self.cached_mapping_in(t, sg)? {
                 Ok(m) => m,

@@ -229,6 +229,25 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// [`Self::read`], also returning the sequence the answer holds for,
+    /// for [`Self::unchanged`] to check later.
+    #[inline(always)]
+    pub fn read_at<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> Option<(R, u64)> {
+        let s = self.seq.load(Ordering::Acquire);
+        self.read(f).map(|r| (r, s))
+    }
+
+    /// Whether the copy is still as it was at sequence `seq` (from
+    /// [`Self::read_at`]). Inside a read-side section (`rcu.rs`), a true
+    /// answer means that no change published since `seq` (a removal) can
+    /// complete its `synchronize` before the section ends.
+    #[inline(always)]
+    pub fn unchanged(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::Relaxed) == seq
+    }
+}
+
 impl Default for Snapshot {
     fn default() -> Self {
         Self::new()
