@@ -256,5 +256,6 @@ CC ?= cc
 bench-io: $(BUILD_DEP)
 	mkdir -p '$(dir $(BENCH_IO))'
 	$(CC) -O2 -g -Wall -Wextra -Werror -I'$(SRCDIR)/include' \
-		'$(SRCDIR)/benches/c/spdk_io.c' -o '$(BENCH_IO)' -ldl -lpthread
+		$(foreach f,spdk_io.c bench_util.c mig_read.c,'$(SRCDIR)/benches/c/$(f)') \
+		-o '$(BENCH_IO)' -ldl -lpthread
 	'$(BENCH_IO)' $(BENCH_IO_ARGS) $(BENCH_IO_LIBS)
