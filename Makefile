@@ -14,6 +14,10 @@
 #   make check-asan           C device tests and C sample devices under ASan+UBSan
 #   make sanitizers           Miri, ThreadSanitizer and check-asan
 #                             (scripts/sanitizers.sh; needs a nightly toolchain)
+#   make bench-io             the C benchmark of SPDK's per-I/O DMA calls
+#                             (benches/c/spdk_io.c) against the release library,
+#                             and against UPSTREAM_LIB=/path/libvfio-user.so.0
+#                             side by side when given (docs/benchmarks.md)
 #   make clean                cargo clean
 #
 # Variables (all overridable on the command line):
@@ -252,3 +256,23 @@ demo:
 soak:
 	$(CARGO) test --release --manifest-path '$(SRCDIR)/Cargo.toml' --target-dir '$(CARGO_TARGET_DIR)' \
 		--test soak -- --ignored --nocapture
+
+# SPDK's per-I/O DMA pattern through the C ABI (benches/c/spdk_io.c), run
+# against any number of builds of libvfio-user.so.0 side by side, each
+# loaded with dlopen from its path: this tree's release library, plus
+# UPSTREAM_LIB when given (built by hand outside the tree), or exactly the
+# NAME=PATH list in BENCH_IO_LIBS. BENCH_IO_ARGS: -q (short run), -r N
+# (rounds), -o io1,io4,io64,run,mig (rows).
+BENCH_IO := $(CARGO_TARGET_DIR)/bench/spdk_io
+UPSTREAM_LIB ?=
+BENCH_IO_LIBS ?= ours='$(abspath $(LIB_SO))' $(if $(UPSTREAM_LIB),upstream='$(abspath $(UPSTREAM_LIB))')
+BENCH_IO_ARGS ?=
+CC ?= cc
+
+.PHONY: bench-io
+bench-io: $(BUILD_DEP)
+	mkdir -p '$(dir $(BENCH_IO))'
+	$(CC) -O2 -g -Wall -Wextra -Werror -I'$(SRCDIR)/include' \
+		$(foreach f,spdk_io.c bench_util.c mig_read.c,'$(SRCDIR)/benches/c/$(f)') \
+		-o '$(BENCH_IO)' -ldl -lpthread
+	'$(BENCH_IO)' $(BENCH_IO_ARGS) $(BENCH_IO_LIBS)

@@ -101,6 +101,7 @@ MIRI_MODULES=(
     client::
     ffi::boundary::
     device::dma_msg::
+    device::dma_snap::
     device::dma_table::
     device::irq::
     device::migration::
@@ -117,6 +118,7 @@ MIRI_NAMED=(
     device::dma::tests::max_regions
     device::dma::tests::message_region_info
     device::dma::tests::size_limits
+    device::dma::tests::small_table_copy_without_fds
     transport::tests::last_message_start_walks_whole_and_partial_messages
 )
 

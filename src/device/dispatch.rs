@@ -471,17 +471,24 @@ impl Context {
             }
             cmd::MIG_DATA_READ => {
                 let dev = CtxMig(self);
-                // The spare reply buffer: no allocation (and, for large
-                // chunks, no fresh pages to fault in) per message.
-                let mut out = self.reply_buf();
+                // The spare reply buffer, as the last reply left it: no
+                // allocation (and, for large chunks, no fresh pages to
+                // fault in) per message, and no zero-fill of bytes the
+                // device is about to write (the handler zeroes only what
+                // the device leaves).
+                let mut out = std::mem::take(&mut *self.tx_spare.borrow_mut());
                 let max = self.client.get().max_data_xfer_size;
-                super::migration::handle_mig_data_read(
+                if let Err(e) = super::migration::handle_mig_data_read(
                     self.migration.get(),
                     &dev,
                     body,
                     max,
                     &mut out,
-                )?;
+                ) {
+                    // Keep the buffer for the next request.
+                    *self.tx_spare.borrow_mut() = out;
+                    return Err(e);
+                }
                 Ok(Reply::body(out))
             }
             cmd::MIG_DATA_WRITE => {

@@ -21,6 +21,12 @@
 //!   plain stores to a slot of the thread's own, paired with the
 //!   `membarrier` of the thread that removes a region, which waits for
 //!   sections in progress before it unmaps anything.
+//! * While the table holds at most 64 regions (guest RAM blocks, as SPDK's
+//!   target sees them), a lock-free copy of it (`dma_snap.rs`, a sequence
+//!   lock rewritten under the write lock on every change) answers
+//!   translation and `sgl_get` first, before the cache: a few compares,
+//!   no thread-local access, no lock. An entry remembers where the copy
+//!   held its region (a checked hint), so its `sgl_get` does not search.
 //! * A [`DmaSg`] names its region by a never-reused identifier plus the
 //!   region's start address. Every use re-validates both against the table
 //!   (an `O(log n)` lookup), so an entry for a region that was unmapped, or a
@@ -28,6 +34,7 @@
 //! * Dirty bitmaps are arrays of `AtomicU64`, set with `fetch_or` under the
 //!   read lock and harvested with `swap`, one 64-page word at a time.
 
+use super::dma_snap::{self, Snapshot};
 use super::dma_table::{RegionTable, Span};
 use super::rcu;
 use std::cell::Cell;
@@ -69,6 +76,10 @@ pub struct DmaSg {
     pub offset: u64,
     /// Whether the range was translated for writing.
     pub writeable: bool,
+    /// Where the region was found in the controller's lock-free copy of the
+    /// table, so that `sgl_get` looks there first (a hint: checked, and
+    /// searched for when wrong). Upstream's layout has padding here.
+    pub(crate) hint: u8,
 }
 
 impl Default for DmaSg {
@@ -79,6 +90,7 @@ impl Default for DmaSg {
             length: 0,
             offset: 0,
             writeable: false,
+            hint: 0,
         }
     }
 }
@@ -564,6 +576,9 @@ pub struct DmaController {
     /// Copy of `Inner::dirty_page_size` readable without the lock, to make
     /// `sgl_put` free when not logging.
     logging_page_size: AtomicU64,
+    /// Lock-free copy of the table while it is small (`dma_snap.rs`),
+    /// republished under the write lock after every change.
+    snap: Snapshot,
 }
 
 impl fmt::Debug for DmaController {
@@ -598,6 +613,7 @@ fn check_sg<'a>(region: &'a Region, sg: &DmaSg) -> Result<&'a Region> {
 }
 
 /// Whether `sg` fits a region of `len` bytes and protection `prot`.
+#[inline]
 fn check_range(len: u64, prot: i32, sg: &DmaSg) -> Result<()> {
     let end = sg.offset.checked_add(sg.length).ok_or(Errno::EINVAL)?;
     if end > len {
@@ -619,7 +635,22 @@ fn names_region(h: &Hint, sg: &DmaSg, generation: u64) -> bool {
         && h.start == sg.dma_addr as usize as u64
 }
 
+#[inline]
 fn fill_sg(sg: &mut DmaSg, region_start: u64, id: usize, addr: u64, len: u64, prot: i32) {
+    fill_sg_hinted(sg, region_start, id, addr, len, prot, 0);
+}
+
+#[inline]
+fn fill_sg_hinted(
+    sg: &mut DmaSg,
+    region_start: u64,
+    id: usize,
+    addr: u64,
+    len: u64,
+    prot: i32,
+    hint: u8,
+) {
+    sg.hint = hint;
     sg.dma_addr = region_start as usize as *mut c_void;
     sg.region = id;
     sg.offset = addr - region_start;
@@ -640,7 +671,26 @@ impl DmaController {
             max_size: MAX_DMA_SIZE,
             generation: AtomicU64::new(new_generation()),
             logging_page_size: AtomicU64::new(0),
+            snap: Snapshot::new(),
         }
+    }
+
+    /// Republishes the lock-free copy of the table; call with the write lock
+    /// held (`inner`), after every change to the table.
+    fn publish_snapshot(&self, inner: &Inner) {
+        let entries = inner.regions.values().map(|r| dma_snap::Entry {
+            start: r.iova,
+            len: r.len,
+            id: r.id,
+            vaddr: if r.mode == AccessMode::Mmap {
+                r.vaddr
+            } else {
+                0
+            },
+            prot: r.prot,
+            slot: 0,
+        });
+        self.snap.publish(inner.regions.len(), entries);
     }
 
     fn table(&self) -> RwLockReadGuard<'_, Inner> {
@@ -785,6 +835,7 @@ impl DmaController {
         };
         let info = region.info();
         inner.regions.insert(Box::new(region));
+        self.publish_snapshot(&inner);
         // No new generation: a new region overlaps no existing one, so every
         // cached translation stays true (misses are never cached).
         Ok(info)
@@ -821,6 +872,7 @@ impl DmaController {
                 _ => return Err(Errno::ENOENT),
             }
             let region = inner.regions.remove(iova).ok_or(Errno::ENOENT)?;
+            self.publish_snapshot(&inner);
             self.bump_generation();
             region
         };
@@ -837,6 +889,7 @@ impl DmaController {
         let regions = {
             let mut inner = self.table_mut();
             let regions = inner.regions.take_all();
+            self.publish_snapshot(&inner);
             self.bump_generation();
             regions
         };
@@ -856,7 +909,89 @@ impl DmaController {
     /// than the `n` required (the first `sgl.len()` are filled anyway),
     /// `ENOENT` when part of the range is not mapped and `EACCES` when `prot`
     /// asks for `PROT_WRITE` on a read-only region. A zero length yields 0.
+    #[inline]
     pub fn addr_to_sgl(
+        &self,
+        iova: u64,
+        len: u64,
+        sgl: &mut [DmaSg],
+        prot: i32,
+    ) -> std::result::Result<usize, SglError> {
+        if let Some(first) = sgl.first_mut() {
+            if self.addr_to_sg_fast(iova, len, first, prot) {
+                return Ok(1);
+            }
+        }
+        self.addr_to_sgl_cached(iova, len, sgl, prot)
+    }
+
+    /// The fastest translation: with few regions (the lock-free copy of the
+    /// table, `dma_snap.rs`), a non-empty range inside one region that
+    /// allows `prot` is a search of a small sorted array, without lock or
+    /// hashing. Fills `sg` and returns true; false when the full path
+    /// ([`Self::addr_to_sgl`]) must answer, errors included.
+    ///
+    /// Never panics (the C entry points run it outside their panic guard).
+    #[inline(always)]
+    pub fn addr_to_sg_fast(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
+        let end = iova.wrapping_add(len);
+        if len == 0 || end < iova {
+            return false;
+        }
+        // `end - start` cannot wrap: the hit contains iova, so start <= iova < end.
+        let hit = self.snap.read(
+            #[inline(always)]
+            |v| v.containing(iova).filter(|e| end - e.start <= e.len),
+        );
+        match hit {
+            Some(Some(e)) if prot & libc::PROT_WRITE == 0 || e.prot & libc::PROT_WRITE != 0 => {
+                fill_sg_hinted(sg, e.start, e.id, iova, len, prot, e.slot);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The fastest `sgl_get` of one entry: with few regions, the local
+    /// address of an entry that names a live mapped region, fits it and
+    /// asks for no access it forbids. `None` when the full path
+    /// ([`Self::sgl_get`]) must answer (it also gives the errno of a stale
+    /// or made-up entry).
+    ///
+    /// Never panics (the C entry points run it outside their panic guard).
+    #[inline(always)]
+    pub fn sg_addr_fast(&self, sg: &DmaSg) -> Option<*mut c_void> {
+        if sg.region == 0 {
+            return None;
+        }
+        #[inline(always)]
+        fn local(v: &dma_snap::View<'_>, sg: &DmaSg) -> Option<usize> {
+            let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
+            if e.vaddr == 0 || check_range(e.len, e.prot, sg).is_err() {
+                return None;
+            }
+            // In bounds: offset + length <= the region's length, and the
+            // mapping covers the whole region.
+            Some(e.vaddr.wrapping_add(sg.offset as usize))
+        }
+        let addr = self.snap.read(
+            #[inline(always)]
+            |v| local(v, sg),
+        )??;
+        Some(addr as *mut c_void)
+    }
+
+    /// Whether dirty pages are being logged (so `sgl_put` has work to do).
+    #[inline(always)]
+    pub fn logging(&self) -> bool {
+        self.logging_page_size.load(Ordering::Acquire) != 0
+    }
+
+    /// [`Self::addr_to_sgl`] past the lock-free copy: the thread's
+    /// translation cache, then the table under its read lock. Kept out of
+    /// line so that the fast path saves no registers.
+    #[inline(never)]
+    fn addr_to_sgl_cached(
         &self,
         iova: u64,
         len: u64,
@@ -924,10 +1059,33 @@ impl DmaController {
     ///
     /// The addresses stay valid until the region is unregistered; the device
     /// must drop them in its unregister callback.
+    #[inline]
     pub fn sgl_get(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
         if iov.len() < sgl.len() {
             return Err(Errno::EINVAL);
         }
+        // Few regions: each entry checked against the lock-free copy of the
+        // table. Entries it does not know (stale, made up, of an unmapped
+        // region, or refused) go the long way, for their errno.
+        let mut known = 0;
+        for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
+            let Some(addr) = self.sg_addr_fast(sg) else {
+                break;
+            };
+            out.iov_base = addr;
+            out.iov_len = sg.length as usize;
+            known += 1;
+        }
+        if known == sgl.len() {
+            return Ok(());
+        }
+        self.sgl_get_cached(&sgl[known..], &mut iov[known..])
+    }
+
+    /// [`Self::sgl_get`] past the lock-free copy (out of line, as
+    /// [`Self::addr_to_sgl_cached`]). `iov` is at least as long as `sgl`.
+    #[inline(never)]
+    fn sgl_get_cached(&self, sgl: &[DmaSg], iov: &mut [libc::iovec]) -> Result<()> {
         // Entries this thread's cache knows are answered without the lock:
         // that only computes addresses, touching neither the table nor a
         // region. The lock is taken from the first entry it does not know.
@@ -959,16 +1117,23 @@ impl DmaController {
 
     /// Releases entries obtained with [`Self::sgl_get`]: marks the writeable
     /// ones dirty while logging. Invalid entries are ignored.
+    #[inline]
     pub fn sgl_put(&self, sgl: &[DmaSg]) {
         self.sgl_mark_dirty(sgl);
     }
 
     /// Marks the writeable entries of `sgl` dirty while logging (no-op
-    /// otherwise). Invalid entries are ignored.
+    /// otherwise: one load). Invalid entries are ignored.
+    #[inline]
     pub fn sgl_mark_dirty(&self, sgl: &[DmaSg]) {
-        if self.logging_page_size.load(Ordering::Acquire) == 0 {
-            return;
+        if self.logging_page_size.load(Ordering::Acquire) != 0 {
+            self.sgl_mark_dirty_logging(sgl);
         }
+    }
+
+    /// [`Self::sgl_mark_dirty`] while logging (out of line).
+    #[inline(never)]
+    fn sgl_mark_dirty_logging(&self, sgl: &[DmaSg]) {
         let inner = self.table();
         let page_size = inner.dirty_page_size;
         if page_size == 0 {
@@ -1186,6 +1351,47 @@ impl DmaController {
         need: i32,
         copy: impl FnOnce(*mut u8),
     ) -> Option<Result<()>> {
+        // Few regions: the lock-free copy of the table knows the entry's
+        // region (translations through it fill no thread cache).
+        let known = self.snap.read_at(
+            #[inline(always)]
+            |v| {
+                let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
+                // Not mapped: the locked path knows what to do instead.
+                if sg.region == 0 || e.vaddr == 0 {
+                    return None;
+                }
+                Some(
+                    check_range(e.len, e.prot, sg)
+                        .map(|()| (e.vaddr.wrapping_add(sg.offset as usize), e.prot)),
+                )
+            },
+        );
+        if let Some((Some(found), seq)) = known {
+            let (addr, prot) = match found {
+                Ok(m) => m,
+                Err(e) => return Some(Err(e)),
+            };
+            if prot & need == 0 {
+                return Some(Err(Errno::EACCES));
+            }
+            return TLB
+                .try_with(|t| {
+                    let _section = t.reader.enter();
+                    // As below: a removal (or logging start) published
+                    // before now is seen here, or waits for this section.
+                    if !self.snap.unchanged(seq)
+                        || (need & libc::PROT_WRITE != 0
+                            && self.logging_page_size.load(Ordering::Relaxed) != 0)
+                    {
+                        return None;
+                    }
+                    copy(addr as *mut u8);
+                    Some(Ok(()))
+                })
+                .ok()
+                .flatten();
+        }
         TLB.try_with(|t| {
             let (addr, prot, generation) = match self.cached_mapping_in(t, sg)? {
                 Ok(m) => m,
@@ -1969,6 +2175,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(DmaSg, length), 16);
         assert_eq!(std::mem::offset_of!(DmaSg, offset), 24);
         assert_eq!(std::mem::offset_of!(DmaSg, writeable), 32);
+        // The lookup hint lives in what upstream leaves as padding.
+        assert_eq!(std::mem::offset_of!(DmaSg, hint), 33);
         assert_eq!(std::mem::size_of::<DmaInfo>(), 56);
         assert_eq!(std::mem::offset_of!(DmaInfo, iova), 0);
         assert_eq!(std::mem::offset_of!(DmaInfo, vaddr), 16);
@@ -2615,6 +2823,107 @@ mod tests {
         let fresh = sg1(&dma, 0x10000, PAGE, PROT_RW);
         assert_ne!(fresh.region, sg.region);
         dma.sgl_get(&[fresh], &mut iov).unwrap();
+    }
+
+    #[test]
+    fn small_table_copy_follows_every_change() {
+        // Up to dma_snap::CAPACITY regions the lock-free copy answers; past
+        // it the other paths do. Every answer must match the table, across
+        // the switch both ways, and a wrong or stale slot hint must never
+        // resolve to another region.
+        let n = dma_snap::CAPACITY + 2;
+        let dma = DmaController::new(n);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        let iova = |i: usize| 0x100_0000 + i as u64 * 4 * PAGE;
+        for i in 0..n {
+            dma.add_region(iova(i), 2 * PAGE, Some(memfd(2 * PAGE)), 0, PROT_RW, false)
+                .unwrap();
+            // Every region so far translates and maps; the gaps do not.
+            for j in 0..=i {
+                let sg = sg1(&dma, iova(j) + PAGE, PAGE, PROT_RW);
+                assert_eq!(sg.iova(), iova(j) + PAGE);
+                dma.sgl_get(&[sg], &mut iov).unwrap();
+                let mut wrong = sg;
+                wrong.hint = wrong.hint.wrapping_add(1);
+                dma.sgl_get(&[wrong], &mut iov).unwrap();
+                let mut out = [DmaSg::default()];
+                assert_eq!(
+                    dma.addr_to_sgl(iova(j) + 2 * PAGE, 1, &mut out, PROT_RW),
+                    Err(SglError::Errno(Errno::ENOENT))
+                );
+            }
+        }
+        // Remove from the front: the copy comes back below the capacity,
+        // and entries of removed regions stay dead whatever their hint.
+        for i in 0..n {
+            let sg = sg1(&dma, iova(i), PAGE, PROT_RW);
+            dma.remove_region(iova(i), 2 * PAGE).unwrap();
+            for hint in 0..=u8::MAX {
+                let mut stale = sg;
+                stale.hint = hint;
+                assert_eq!(dma.sgl_get(&[stale], &mut iov), Err(Errno::EINVAL));
+            }
+            if i + 1 < n {
+                let next = sg1(&dma, iova(i + 1), PAGE, PROT_RW);
+                dma.sgl_get(&[next], &mut iov).unwrap();
+            }
+        }
+        // Read-only regions refuse writable translations on every path.
+        dma.add_region(0x1000, PAGE, Some(memfd(PAGE)), 0, libc::PROT_READ, false)
+            .unwrap();
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x1000, PAGE, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::EACCES))
+        );
+        let ro = sg1(&dma, 0x1000, PAGE, libc::PROT_READ);
+        dma.sgl_get(&[ro], &mut iov).unwrap();
+        let mut forged = ro;
+        forged.writeable = true;
+        assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+    }
+
+    #[test]
+    fn small_table_copy_without_fds() {
+        // The lock-free copy's paths with message-only regions (no fds, so
+        // Miri runs it): translation through the copy, EFAULT from sgl_get
+        // for memory that is not mapped, EINVAL once the region is gone.
+        let dma = DmaController::new(8);
+        for i in 0..4u64 {
+            dma.add_region(i * 0x10000, 0x8000, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        for i in 0..4u64 {
+            let sg = sg1(&dma, i * 0x10000 + 0x100, 0x200, PROT_RW);
+            assert_eq!((sg.dma_addr as u64, sg.offset), (i * 0x10000, 0x100));
+            assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EFAULT));
+            // Crossing the region's end is not the fast path's to answer.
+            let mut out = [DmaSg::default(); 2];
+            assert_eq!(
+                dma.addr_to_sgl(i * 0x10000 + 0x7f00, 0x200, &mut out, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        let sg = sg1(&dma, 0x20000, 0x1000, PROT_RW);
+        dma.remove_region(0x20000, 0x8000).unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x20000, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        dma.remove_all();
+        assert_eq!(
+            dma.addr_to_sgl(0, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
     }
 
     #[test]

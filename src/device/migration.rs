@@ -740,6 +740,12 @@ fn check_mig_data(
 /// as its client insists on receiving. The device's `read_data` writes
 /// straight into `reply`. On failure `reply` is left empty.
 ///
+/// `reply` may come in holding earlier bytes (a reused buffer): they are
+/// kept rather than zeroed first, and only the bytes the device leaves
+/// unwritten are zeroed afterwards. So a buffer the size of the chunk costs
+/// no fill per message; `read_data` may see stale bytes of earlier replies
+/// of the same context where it is about to write.
+///
 /// `EINVAL` for a short payload, no migration, a wrong state, a size above
 /// `max_data_xfer_size` or an `argsz` below 8 + size, and a device claiming
 /// more bytes than asked for (the reference would trust it and overflow);
@@ -751,7 +757,6 @@ pub fn handle_mig_data_read(
     max_data_xfer_size: usize,
     reply: &mut Vec<u8>,
 ) -> Result<()> {
-    reply.clear();
     let size = check_mig_data(
         mig,
         payload,
@@ -760,9 +765,19 @@ pub fn handle_mig_data_read(
             VFIO_USER_DEVICE_STATE_STOP_COPY,
         ],
         max_data_xfer_size,
-    )?;
-    let total = MIG_DATA_HDR_SIZE.checked_add(size).ok_or(Errno::EINVAL)?;
-    reply.resize(total, 0);
+    )
+    .inspect_err(|_| reply.clear())?;
+    let Some(total) = MIG_DATA_HDR_SIZE.checked_add(size) else {
+        reply.clear();
+        return Err(Errno::EINVAL);
+    };
+    // Zeroes only what the buffer never held (nothing, once it has been
+    // this large): what the device leaves unwritten is zeroed below.
+    if reply.len() < total {
+        reply.resize(total, 0);
+    } else {
+        reply.truncate(total);
+    }
     let result = fill_mig_data(cbs, reply, size);
     if result.is_err() {
         reply.clear();
@@ -776,6 +791,8 @@ fn fill_mig_data(cbs: &dyn MigrationCallbacks, reply: &mut [u8], size: usize) ->
     if n > size {
         return Err(Errno::EINVAL);
     }
+    // What the device did not write may hold earlier bytes: zeroed.
+    buf[n..].fill(0);
     // n <= size <= u32::MAX, checked above.
     let n32 = u32::try_from(n).map_err(|_| Errno::EINVAL)?;
     let argsz = n32

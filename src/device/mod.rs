@@ -15,6 +15,7 @@ mod access_log;
 pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
+mod dma_snap;
 mod dma_table;
 pub mod irq;
 pub mod migration;

@@ -11,6 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::error::Errno;
 
 /// Sets the calling thread's errno.
+#[inline]
 pub fn set_errno(e: i32) {
     // SAFETY: __errno_location always returns a valid thread-local pointer.
     unsafe { *libc::__errno_location() = e };
@@ -57,17 +58,28 @@ impl<T> FailValue for *mut T {
 }
 
 /// Runs `f`, turning a panic into `fail()` with `errno = EIO`.
+///
+/// Always inlined: on the path that does not panic this is `f`'s body plus
+/// an unwind table entry, no call and no copy of the result; the landing pad
+/// (the `Err` arm) sits out of line.
+#[inline(always)]
 pub fn guard<R: FailValue>(f: impl FnOnce() -> R) -> R {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(_) => {
-            set_errno(libc::EIO);
-            R::fail()
-        }
+        Err(_) => panicked(),
     }
 }
 
+/// The landing of [`guard`] after a panic, kept out of the callers' code.
+#[cold]
+#[inline(never)]
+fn panicked<R: FailValue>() -> R {
+    set_errno(libc::EIO);
+    R::fail()
+}
+
 /// Maps a `Result` to the C convention: the value, or `fail()` with errno.
+#[inline(always)]
 pub fn ret<T, R: FailValue>(r: Result<T, Errno>, ok: impl FnOnce(T) -> R) -> R {
     match r {
         Ok(v) => ok(v),

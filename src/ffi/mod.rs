@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use libc::{iovec, loff_t, size_t, ssize_t};
 
-use crate::device::dma::SglError;
+use crate::device::dma::{DmaController, SglError};
 use crate::device::{
     self, Context, DmaInfo, DmaSg, IoEventFd, MigrationDevice, RegionSetup, ResetType,
 };
@@ -525,9 +525,44 @@ fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
     Ok(unsafe { std::slice::from_raw_parts(p as *const DmaSg, n) })
 }
 
+/// The DMA controller of a context for the per-I/O fast paths below, which
+/// run outside the panic guard: they only compute, and cannot panic. `None`
+/// for NULL or a context without DMA (the full path gives the errno).
+#[inline(always)]
+fn dma_fast<'a>(vfu_ctx: *mut vfu_ctx_t) -> Option<&'a DmaController> {
+    // SAFETY: as in `ctx`: NULL or a live context from vfu_create_ctx.
+    unsafe { from_handle(vfu_ctx) }
+        .and_then(|c| c.dma())
+        .map(|d| &**d)
+}
+
 /// Thread-safe: may be called from any thread.
 #[no_mangle]
 pub extern "C" fn vfu_addr_to_sgl(
+    vfu_ctx: *mut vfu_ctx_t,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    // SPDK's case, a range inside one of few regions: no guard needed, as
+    // the fast path cannot panic.
+    if max_nr_sgs > 0 && !sgl.is_null() {
+        if let Some(dma) = dma_fast(vfu_ctx) {
+            // SAFETY: the caller provides room for max_nr_sgs >= 1 entries.
+            let first = unsafe { &mut *(sgl as *mut DmaSg) };
+            if dma.addr_to_sg_fast(dma_addr as u64, len as u64, first, prot) {
+                return 1;
+            }
+        }
+    }
+    addr_to_sgl_full(vfu_ctx, dma_addr, len, sgl, max_nr_sgs, prot)
+}
+
+/// [`vfu_addr_to_sgl`] past its fast path (out of line).
+#[inline(never)]
+fn addr_to_sgl_full(
     vfu_ctx: *mut vfu_ctx_t,
     dma_addr: vfu_dma_addr_t,
     len: size_t,
@@ -569,6 +604,36 @@ pub extern "C" fn vfu_addr_to_sgl(
 /// Thread-safe: may be called from any thread.
 #[no_mangle]
 pub extern "C" fn vfu_sgl_get(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+    flags: c_int,
+) -> c_int {
+    // SPDK's case, one entry of one of few regions, checked without a
+    // guard (the fast path cannot panic).
+    if cnt == 1 && !sgl.is_null() && !iov.is_null() {
+        if let Some(dma) = dma_fast(vfu_ctx) {
+            // SAFETY: the caller passes one entry from vfu_addr_to_sgl.
+            let sg = unsafe { &*(sgl as *const DmaSg) };
+            if let Some(base) = dma.sg_addr_fast(sg) {
+                // SAFETY: the caller provides one iovec.
+                unsafe {
+                    *iov = iovec {
+                        iov_base: base,
+                        iov_len: sg.length as usize,
+                    };
+                }
+                return 0;
+            }
+        }
+    }
+    sgl_get_full(vfu_ctx, sgl, iov, cnt, flags)
+}
+
+/// [`vfu_sgl_get`] past its fast path (out of line).
+#[inline(never)]
+fn sgl_get_full(
     vfu_ctx: *mut vfu_ctx_t,
     sgl: *mut dma_sg_t,
     iov: *mut iovec,
@@ -619,6 +684,17 @@ pub extern "C" fn vfu_sgl_put(
     // The iovecs from vfu_sgl_get() need no release: the mappings live as
     // long as their DMA regions.
     let _ = iov;
+    // Without dirty page logging there is nothing to do (no guard needed).
+    if dma_fast(vfu_ctx).is_some_and(|d| !d.logging()) {
+        return;
+    }
+    sgl_put_full(vfu_ctx, sgl, cnt);
+}
+
+/// [`vfu_sgl_put`] past its fast path (out of line): marks written pages
+/// dirty while logging.
+#[inline(never)]
+fn sgl_put_full(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
     guard(|| {
         if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
             if let Some(d) = c.dma() {
