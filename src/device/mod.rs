@@ -20,6 +20,7 @@ pub mod irq;
 pub mod migration;
 pub mod pci;
 pub mod pci_caps;
+pub(crate) mod pci_regs;
 mod rcu;
 pub mod region;
 
