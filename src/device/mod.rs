@@ -984,7 +984,7 @@ mod tests {
                 let c = c.borrow();
                 let c = c.as_ref().expect("socket");
                 assert_eq!(
-                    socket_timeouts(c.as_raw_fd()),
+                    socket_timeouts(c),
                     [t.unwrap_or(Duration::ZERO), Duration::ZERO]
                 );
                 assert_eq!(c.stall_timeout(), t);

@@ -1,13 +1,16 @@
 //! A connected vfio-user stream: message framing (header, then body),
 //! sends with fds, and the socketpair helper.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::error::{Errno, Result};
 use crate::protocol::{Header, HEADER_SIZE};
 
-use super::cvt;
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
+
+use super::fds::CmsgBuf;
 use super::read_ahead::ReadAhead;
 
 /// A received header with its fds.
@@ -27,7 +30,7 @@ pub struct Conn {
     pub(super) fd: OwnedFd,
     /// Control-message buffer for receiving fds, allocated on first use and
     /// kept, so that receiving costs no allocation.
-    pub(super) cmsg: std::cell::RefCell<Vec<u64>>,
+    pub(super) cmsg: std::cell::RefCell<Option<Box<CmsgBuf>>>,
     /// Bytes received ahead of the message being read, when enabled.
     pub(super) ahead: std::cell::RefCell<ReadAhead>,
     /// A socket timeout in the middle of a message (or of a send) means the
@@ -50,7 +53,7 @@ impl Conn {
     pub fn from_fd(fd: OwnedFd) -> Conn {
         Conn {
             fd,
-            cmsg: std::cell::RefCell::new(Vec::new()),
+            cmsg: std::cell::RefCell::new(None),
             ahead: std::cell::RefCell::new(ReadAhead::default()),
             stall_resets: false,
             talked: std::cell::Cell::new(false),
@@ -127,35 +130,28 @@ impl Conn {
         // Whatever is read here is part of a message already begun.
         let bounded = self.bounded(false);
         let flags = if bounded {
-            libc::MSG_DONTWAIT
+            MsgFlags::MSG_DONTWAIT
         } else {
-            libc::MSG_WAITALL
+            MsgFlags::MSG_WAITALL
         };
         while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: rest is a valid writable buffer of rest.len() bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    rest.as_mut_ptr() as *mut libc::c_void,
-                    rest.len(),
-                    flags,
-                )
-            };
-            if n < 0 {
-                let mut e = Errno::last();
-                if bounded && e.0 == libc::EAGAIN {
-                    match self.wait_bounded() {
-                        Ok(()) => continue,
-                        Err(w) => e = w,
+            let n = match socket::recv(self.fd.as_raw_fd(), &mut buf[done..], flags) {
+                Ok(n) => n,
+                Err(e) => {
+                    let mut e = Errno::from(e);
+                    if bounded && e.0 == libc::EAGAIN {
+                        match self.wait_bounded() {
+                            Ok(()) => continue,
+                            Err(w) => e = w,
+                        }
+                    }
+                    // Whatever is read here is part of a message already begun.
+                    match self.recv_timed_out(e, false, false) {
+                        Some(e) => return Err(e),
+                        None => continue,
                     }
                 }
-                // Whatever is read here is part of a message already begun.
-                match self.recv_timed_out(e, false, false) {
-                    Some(e) => return Err(e),
-                    None => continue,
-                }
-            }
+            };
             if n == 0 {
                 return Err(Errno(if done == 0 {
                     libc::ENOMSG
@@ -163,7 +159,7 @@ impl Conn {
                     libc::ECONNRESET
                 }));
             }
-            done += n as usize;
+            done += n;
         }
         Ok(())
     }
@@ -196,21 +192,9 @@ impl Conn {
             }
             return self.send_flat(&flat[..total]);
         }
-        let data_len = std::mem::size_of_val(fds);
-        let mut inline = [0u64; 2 + INLINE_FDS / 2];
-        let mut heap = Vec::new();
-        let cbuf: &mut [u64] = if fds.len() <= INLINE_FDS {
-            &mut inline
-        } else {
-            heap.resize((64 + data_len).div_ceil(8), 0u64);
-            &mut heap
-        };
         let mut sent = 0usize;
         while sent < total {
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_PARTS + 1];
+            let mut iov = [IoSlice::new(&[]); MAX_PARTS + 1];
             let mut n_iov = 0;
             let mut skip = sent;
             for p in all {
@@ -218,46 +202,19 @@ impl Conn {
                     skip -= p.len();
                     continue;
                 }
-                iov[n_iov] = libc::iovec {
-                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: p.len() - skip,
-                };
+                iov[n_iov] = IoSlice::new(&p[skip..]);
                 n_iov += 1;
                 skip = 0;
             }
-            // SAFETY: msghdr is plain old data; zero is a valid starting value.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_mut_ptr();
-            msg.msg_iovlen = n_iov as _;
-            if sent == 0 && !fds.is_empty() {
-                // SAFETY: CMSG_SPACE is a pure computation.
-                let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-                msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-                msg.msg_controllen = space as _;
-                // SAFETY: cbuf holds at least `space` bytes (16 bytes of cmsg
-                // header plus the fds, rounded up), so the header and data
-                // written below stay inside it.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(&msg);
-                    (*c).cmsg_level = libc::SOL_SOCKET;
-                    (*c).cmsg_type = libc::SCM_RIGHTS;
-                    (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
-                    std::ptr::copy_nonoverlapping(
-                        fds.as_ptr() as *const u8,
-                        libc::CMSG_DATA(c),
-                        data_len,
-                    );
-                }
-            }
-            // SAFETY: msg describes live buffers.
-            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                match self.send_failed(Errno::last()) {
+            // The fds go with the first byte only.
+            let with_fds = if sent == 0 { fds } else { &[] };
+            match self.sendmsg_with_fds(&iov[..n_iov], with_fds) {
+                Ok(n) => sent += n,
+                Err(e) => match self.send_failed(e) {
                     Some(e) => return Err(e),
                     None => continue,
-                }
+                },
             }
-            sent += n as usize;
         }
         Ok(())
     }
@@ -266,48 +223,41 @@ impl Conn {
     pub(super) fn send_flat(&self, buf: &[u8]) -> Result<()> {
         let mut sent = 0;
         while sent < buf.len() {
-            let rest = &buf[sent..];
-            // SAFETY: rest is a live buffer of rest.len() bytes.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                match self.send_failed(Errno::last()) {
+            match socket::send(self.fd.as_raw_fd(), &buf[sent..], MsgFlags::MSG_NOSIGNAL) {
+                Ok(n) => sent += n,
+                Err(e) => match self.send_failed(e.into()) {
                     Some(e) => return Err(e),
                     None => continue,
-                }
+                },
             }
-            sent += n as usize;
         }
         Ok(())
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
 /// Messages up to this size without fds are sent from one stack buffer.
 pub(super) const SMALL_SEND: usize = 256;
 
-/// Number of fds [`Conn::send`] passes without allocating.
+/// Number of fds [`Conn::send`] used to pass from a stack buffer. Kept for
+/// API compatibility: sends with fds now build their control message with
+/// nix's `sendmsg`, which allocates it (sends without fds, every reply on
+/// the I/O path, allocate nothing).
 pub const INLINE_FDS: usize = 28;
 
 /// Creates a connected pair of stream sockets (for the twin socket and tests).
 pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds has room for the two descriptors socketpair writes.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: both fds are fresh and owned by us.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(socket::socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
 
 #[cfg(test)]

@@ -1,14 +1,17 @@
 //! The listening socket a server accepts clients on.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::socket::{
+    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+
 use crate::error::{Errno, Result};
 
-use super::{cvt, Conn, CLIENT_STALL_TIMEOUT};
+use super::{Conn, CLIENT_STALL_TIMEOUT};
 
 /// A listening UNIX socket bound to a path; the path is removed on drop.
 #[derive(Debug)]
@@ -17,43 +20,32 @@ pub struct Listener {
     path: PathBuf,
 }
 
+/// Longest socket path (`sun_path` holds it and its terminating NUL).
+const SUN_PATH_LEN: usize = 108;
+
 impl Listener {
     /// Creates, binds and listens on `path`. With `nonblocking`, `accept`
     /// returns `EAGAIN` instead of waiting for a client.
     pub fn bind(path: &Path, nonblocking: bool) -> Result<Listener> {
         let bytes = path.as_os_str().as_bytes();
-        // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        if bytes.len() >= addr.sun_path.len() {
+        if bytes.len() >= SUN_PATH_LEN {
             return Err(Errno(libc::ENAMETOOLONG));
         }
         if bytes.contains(&0) {
             return Err(Errno::EINVAL);
         }
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        let mut ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        let addr = UnixAddr::new(path)?;
+        let mut flags = SockFlag::SOCK_CLOEXEC;
         if nonblocking {
-            ty |= libc::SOCK_NONBLOCK;
+            flags |= SockFlag::SOCK_NONBLOCK;
         }
-        // SAFETY: plain socket(2) call.
-        let raw = cvt(unsafe { libc::socket(libc::AF_UNIX, ty, 0) })?;
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: addr is a valid sockaddr_un and the length matches it.
-        cvt(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        })?;
-        // SAFETY: plain listen(2) on our socket.
-        if let Err(e) = cvt(unsafe { libc::listen(fd.as_raw_fd(), 0) }) {
+        let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+        bind(fd.as_raw_fd(), &addr)?;
+        // A backlog of 0, as upstream's: the kernel still queues a client
+        // or so, and a flood of connects is refused rather than queued.
+        if let Err(e) = listen(&fd, Backlog::new(0)?) {
             let _ = std::fs::remove_file(path);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(Listener {
             fd,
@@ -71,23 +63,10 @@ impl Listener {
     /// connection never gives up on the client, as upstream's does not).
     pub fn accept_with_timeout(&self, timeout: Option<Duration>) -> Result<Conn> {
         loop {
-            // SAFETY: accept4 with null address pointers is allowed.
-            let r = unsafe {
-                libc::accept4(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
-            };
-            if r >= 0 {
-                // SAFETY: a fresh fd from accept4 that we now own.
-                let fd = unsafe { OwnedFd::from_raw_fd(r) };
-                return Conn::with_stall_timeout(fd, timeout);
-            }
-            let e = Errno::last();
-            if e.0 != libc::EINTR {
-                return Err(e);
+            match accept4(self.fd.as_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(fd) => return Conn::with_stall_timeout(fd, timeout),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -105,10 +84,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Ok(c) = CString::new(self.path.as_os_str().as_bytes()) {
-            // SAFETY: c is a valid NUL-terminated path.
-            unsafe { libc::unlink(c.as_ptr()) };
-        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -127,7 +103,7 @@ mod tests {
         let conn = l.accept().unwrap();
         assert!(conn.stall_resets);
         assert_eq!(
-            socket_timeouts(conn.as_raw_fd()),
+            socket_timeouts(&conn),
             [CLIENT_STALL_TIMEOUT, Duration::ZERO]
         );
         assert_eq!(conn.stall_timeout(), Some(CLIENT_STALL_TIMEOUT));

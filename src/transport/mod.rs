@@ -43,8 +43,6 @@ pub(crate) use stall::socket_timeouts;
 
 use std::time::Duration;
 
-use crate::error::{Errno, Result};
-
 /// Most fds we are prepared to receive with one message; more are refused as
 /// a truncated control message (and the ones that did arrive are closed).
 pub const MAX_RECV_FDS: usize = 1024;
@@ -70,19 +68,11 @@ pub const MAX_RECV_FDS: usize = 1024;
 /// follows the context's setting.
 pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A libc return value as a `Result` (negative: `errno`).
-pub(super) fn cvt(ret: libc::c_int) -> Result<libc::c_int> {
-    if ret < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(ret)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::{cmd, Header, HEADER_SIZE};
+    use nix::sys::socket::MsgFlags;
 
     pub(crate) fn msg(id: u16, body: &[u8]) -> (Header, Vec<u8>) {
         let h = Header {
@@ -97,9 +87,8 @@ mod tests {
 
     impl Conn {
         pub(crate) fn send_raw(&self, b: &[u8]) {
-            // SAFETY: b is a valid buffer.
-            let n = unsafe { libc::send(self.as_raw_fd(), b.as_ptr() as *const _, b.len(), 0) };
-            assert_eq!(n as usize, b.len());
+            let n = nix::sys::socket::send(self.as_raw_fd(), b, MsgFlags::empty()).unwrap();
+            assert_eq!(n, b.len());
         }
     }
 }

@@ -2,12 +2,16 @@
 //! receives where silence is a stall, and the deadline for a reply that is
 //! due (see the module doc of `transport`).
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 
 use crate::error::{Errno, Result};
 
-use super::{cvt, Conn};
+use super::Conn;
 
 /// Sets `SO_SNDTIMEO` of a socket; `None` (or zero) means no timeout. A
 /// non-zero timeout is rounded up to a whole microsecond: a zero `timeval`
@@ -23,59 +27,41 @@ pub(super) fn set_send_timeout(fd: &OwnedFd, t: Option<Duration>) -> Result<()> 
     } else {
         (t.as_secs(), micros)
     };
-    let tv = libc::timeval {
-        tv_sec: secs.try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: micros.into(),
-    };
-    // SAFETY: tv is a valid timeval and the length matches it.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    let tv = TimeVal::new(secs.try_into().unwrap_or(libc::time_t::MAX), micros.into());
+    Ok(setsockopt(fd, sockopt::SendTimeout, &tv)?)
 }
 
-/// A socket timeout option (`SO_SNDTIMEO`, `SO_RCVTIMEO`) of `fd`; `None`
-/// when it cannot be read.
-pub(super) fn socket_timeout(fd: RawFd, opt: libc::c_int) -> Option<Duration> {
-    let mut tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 0,
-    };
-    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-    // SAFETY: tv and len are valid out pointers of the stated size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &mut tv as *mut libc::timeval as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then(|| {
-        Duration::new(
-            tv.tv_sec.max(0) as u64,
-            (tv.tv_usec.max(0) as u32).saturating_mul(1000),
-        )
-    })
+/// A socket timeout (`SO_SNDTIMEO` or `SO_RCVTIMEO`) as a `Duration`.
+fn duration_of(tv: TimeVal) -> Duration {
+    Duration::new(
+        tv.tv_sec().max(0) as u64,
+        (tv.tv_usec().max(0) as u32).saturating_mul(1000),
+    )
 }
 
 /// The `SO_RCVTIMEO` a caller set on a socket, if any.
 pub(super) fn receive_timeout_of(fd: &OwnedFd) -> Option<Duration> {
-    socket_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO).filter(|t| !t.is_zero())
+    getsockopt(fd, sockopt::ReceiveTimeout)
+        .ok()
+        .map(duration_of)
+        .filter(|t| !t.is_zero())
 }
 
 /// `SO_SNDTIMEO` and `SO_RCVTIMEO` of a socket, for tests.
 #[cfg(test)]
-pub(crate) fn socket_timeouts(fd: RawFd) -> [Duration; 2] {
-    [libc::SO_SNDTIMEO, libc::SO_RCVTIMEO]
-        .map(|opt| socket_timeout(fd, opt).expect("getsockopt of a socket timeout"))
+pub(crate) fn socket_timeouts(fd: &impl AsFd) -> [Duration; 2] {
+    let snd = getsockopt(fd, sockopt::SendTimeout).expect("getsockopt of SO_SNDTIMEO");
+    let rcv = getsockopt(fd, sockopt::ReceiveTimeout).expect("getsockopt of SO_RCVTIMEO");
+    [duration_of(snd), duration_of(rcv)]
+}
+
+/// Waits up to `ms` milliseconds for `fd` to be readable (or hung up):
+/// `Ok(true)` when it is, `Ok(false)` when the time passed, `EINTR` as an
+/// error for the caller to retry.
+fn poll_readable(fd: &OwnedFd, ms: i32) -> Result<bool> {
+    let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    Ok(poll(&mut pfd, timeout)? > 0)
 }
 
 impl Conn {
@@ -124,23 +110,12 @@ impl Conn {
         }
         // Rounded up to whole milliseconds: never shorter than asked.
         let ms = i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         loop {
-            // SAFETY: pfd is one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r > 0 {
-                return Ok(());
-            }
-            if r == 0 {
-                return Err(Errno::EAGAIN);
-            }
-            let e = Errno::last();
-            if e.0 != libc::EINTR {
-                return Err(e);
+            match poll_readable(&self.fd, ms) {
+                Ok(true) => return Ok(()),
+                Ok(false) => return Err(Errno::EAGAIN),
+                Err(e) if e.0 == libc::EINTR => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -170,21 +145,11 @@ impl Conn {
             }
             // Rounded up, so that the wait never ends before the deadline.
             let ms = i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r > 0 {
-                return Ok(());
-            }
-            if r < 0 {
-                let e = Errno::last();
-                if e.0 != libc::EINTR {
-                    return Err(e);
-                }
+            match poll_readable(&self.fd, ms) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if e.0 == libc::EINTR => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -232,7 +197,7 @@ mod tests {
     use crate::protocol::Header;
     use crate::transport::socketpair;
     use crate::transport::tests::*;
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
     use std::time::Duration;
 
     fn timeout_pair(t: Duration) -> (Conn, Conn) {
@@ -243,21 +208,8 @@ mod tests {
 
     /// Sets `SO_RCVTIMEO` as a caller of ours might.
     fn set_receive_timeout(fd: &OwnedFd, t: Duration) {
-        let tv = libc::timeval {
-            tv_sec: t.as_secs() as libc::time_t,
-            tv_usec: t.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: tv is a valid timeval of the stated size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0);
+        let tv = TimeVal::new(t.as_secs() as libc::time_t, t.subsec_micros().into());
+        setsockopt(fd, sockopt::ReceiveTimeout, &tv).unwrap();
     }
 
     #[test]
@@ -442,16 +394,12 @@ mod tests {
             (Some(Duration::ZERO), Duration::ZERO),
         ] {
             set_send_timeout(&a, t).unwrap();
-            assert_eq!(
-                socket_timeouts(a.as_raw_fd()),
-                [want, Duration::ZERO],
-                "{t:?}"
-            );
+            assert_eq!(socket_timeouts(&a), [want, Duration::ZERO], "{t:?}");
         }
         // Under a microsecond is not "no timeout" (a zero timeval).
         for ns in [1, 999, 1500] {
             set_send_timeout(&a, Some(Duration::from_nanos(ns))).unwrap();
-            let got = socket_timeouts(a.as_raw_fd())[0];
+            let got = socket_timeouts(&a)[0];
             assert!(
                 got > Duration::ZERO && got <= Duration::from_millis(10),
                 "{ns} ns: {got:?}"
@@ -462,13 +410,13 @@ mod tests {
         let c = Conn::with_stall_timeout(a, Some(Duration::from_millis(40))).unwrap();
         assert!(c.stall_resets);
         let ms = Duration::from_millis;
-        assert_eq!(socket_timeouts(c.fd.as_raw_fd()), [ms(40), Duration::ZERO]);
+        assert_eq!(socket_timeouts(&c), [ms(40), Duration::ZERO]);
         assert_eq!(c.stall_timeout(), Some(ms(40)));
         c.set_stall_timeout(Some(ms(80))).unwrap();
-        assert_eq!(socket_timeouts(c.fd.as_raw_fd()), [ms(80), Duration::ZERO]);
+        assert_eq!(socket_timeouts(&c), [ms(80), Duration::ZERO]);
         assert_eq!(c.stall_timeout(), Some(ms(80)));
         c.set_stall_timeout(None).unwrap();
-        assert_eq!(socket_timeouts(c.fd.as_raw_fd()), [Duration::ZERO; 2]);
+        assert_eq!(socket_timeouts(&c), [Duration::ZERO; 2]);
         assert_eq!(c.stall_timeout(), None);
     }
 }
