@@ -7,9 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 use serde_json::{Map, Value};
 
-use crate::error::Errno;
 use crate::protocol::caps::ServerCaps;
 use crate::protocol::{
     cmd, Wire, WireOut, DEFAULT_MAX_DATA_XFER_SIZE, VERSION_MAJOR, VERSION_MINOR,
@@ -307,28 +308,14 @@ impl Client {
         if timeout.is_zero() {
             return invalid("timeout must be non-zero");
         }
-        for fd in
-            std::iter::once(self.conn.as_raw_fd()).chain(self.twin.as_ref().map(|t| t.as_raw_fd()))
-        {
-            let tv = libc::timeval {
-                tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-                tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-            };
-            for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-                // SAFETY: setsockopt reads a live timeval of the stated size.
-                let r = unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        opt,
-                        &tv as *const libc::timeval as *const libc::c_void,
-                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                    )
-                };
-                if r != 0 {
-                    return Err(ClientError::Io(Errno::last()));
-                }
-            }
+        let tv = TimeVal::new(
+            libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            timeout.subsec_micros().into(),
+        );
+        for conn in std::iter::once(&self.conn).chain(self.twin.as_ref()) {
+            let set = |r: nix::Result<()>| r.map_err(|e| ClientError::Io(e.into()));
+            set(setsockopt(conn, sockopt::ReceiveTimeout, &tv))?;
+            set(setsockopt(conn, sockopt::SendTimeout, &tv))?;
         }
         self.opts.timeout = timeout;
         Ok(())

@@ -74,11 +74,9 @@ impl Client {
         self.usable()?;
         let mut served = 0;
         loop {
-            let mut fds = vec![self.conn.as_raw_fd()];
-            if let Some(t) = &self.twin {
-                fds.push(t.as_raw_fd());
-            }
-            let which = match poll_any(&fds, Instant::now() + idle) {
+            let mut conns = vec![&self.conn];
+            conns.extend(self.twin.as_ref());
+            let which = match poll_any(&conns, Instant::now() + idle) {
                 Ok(0) => Sock::Main,
                 Ok(_) => Sock::Twin,
                 Err(ClientError::Timeout) => return Ok(served),

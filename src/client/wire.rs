@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
 use crate::error::Errno;
 use crate::protocol::{cmd, flags, Header, DMA_REGION_ACCESS_SIZE, HEADER_SIZE};
 use crate::transport::Conn;
@@ -81,33 +83,27 @@ pub(super) fn read_msg(conn: &Conn, limit: usize) -> std::result::Result<RawMess
     })
 }
 
-/// Waits until one of `fds` is readable (or hung up); returns its position,
-/// or `Timeout` at the deadline.
-pub(super) fn poll_any(fds: &[RawFd], deadline: Instant) -> Result<usize> {
-    let mut p: Vec<libc::pollfd> = fds
+/// Waits until one of `conns` is readable (or hung up); returns its
+/// position, or `Timeout` at the deadline.
+pub(super) fn poll_any(conns: &[&Conn], deadline: Instant) -> Result<usize> {
+    let mut p: Vec<PollFd<'_>> = conns
         .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN))
         .collect();
     loop {
         let left = deadline
             .checked_duration_since(Instant::now())
             .ok_or(ClientError::Timeout)?;
-        let ms =
-            libc::c_int::try_from(left.as_millis().saturating_add(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `p` is a live array of `p.len()` pollfds.
-        let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let e = Errno::last();
-            if e.0 == libc::EINTR {
-                continue;
-            }
-            return Err(ClientError::Io(e));
+        let ms = i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX);
+        match poll(
+            &mut p,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(ClientError::Io(e.into())),
         }
-        if let Some(i) = p.iter().position(|x| x.revents != 0) {
+        if let Some(i) = p.iter().position(|x| x.any() == Some(true)) {
             return Ok(i);
         }
         if Instant::now() >= deadline {
@@ -228,11 +224,9 @@ impl Client {
         let limit_main = limit.max(self.cmd_limit());
         let mut deadline = Instant::now() + self.opts.timeout;
         loop {
-            let mut fds = vec![self.conn.as_raw_fd()];
-            if let Some(t) = &self.twin {
-                fds.push(t.as_raw_fd());
-            }
-            let which = if poll_any(&fds, deadline)? == 0 {
+            let mut conns = vec![&self.conn];
+            conns.extend(self.twin.as_ref());
+            let which = if poll_any(&conns, deadline)? == 0 {
                 Sock::Main
             } else {
                 Sock::Twin
