@@ -25,7 +25,9 @@ mod rcu;
 pub mod region;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -728,32 +730,29 @@ impl Context {
         if !self.deferred.borrow().is_empty() {
             return Ok(true);
         }
-        let fd = self.poll_fd();
-        if fd < 0 {
-            return Err(Errno::ENOTCONN);
-        }
-        let ms = match timeout {
-            None => -1,
+        let timeout = match timeout {
+            None => PollTimeout::NONE,
             // Rounded up, so that a short timeout does not become a busy loop.
-            Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+            Some(t) => i32::try_from(t.as_nanos().div_ceil(1_000_000))
+                .ok()
+                .and_then(|ms| PollTimeout::try_from(ms).ok())
+                .unwrap_or(PollTimeout::MAX),
         };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
+        // The fd polled is the connection's, else the listener's (as
+        // `poll_fd`), borrowed from its owner for the call. Nothing the
+        // wait calls can reach the context, so the borrow cannot clash.
+        let conn = self.conn.borrow();
+        let listener = self.listener.borrow();
+        let fd = match (conn.as_ref(), listener.as_ref()) {
+            (Some(c), _) => c.as_fd(),
+            (None, Some(l)) => l.as_fd(),
+            (None, None) => return Err(Errno::ENOTCONN),
         };
-        // SAFETY: `pfd` is a valid pollfd array of length 1 for the call's
-        // duration; `fd` is owned by the context, which outlives the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = Errno::last();
-            return if e.0 == libc::EINTR {
-                Ok(false)
-            } else {
-                Err(e)
-            };
+        match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout) {
+            Ok(r) => Ok(r > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(r > 0)
     }
 
     /// Handles the requests that can be handled without waiting, at most

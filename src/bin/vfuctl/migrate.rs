@@ -353,8 +353,7 @@ impl Progress {
 }
 
 fn stderr_is_tty() -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(libc::STDERR_FILENO) == 1 }
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 /// Runs `vfuctl migrate`.
