@@ -4,17 +4,15 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::device::dma_msg::{
     BITMAP_HEADER_SIZE, DMA_MAP_SIZE, DMA_UNMAP_ALL, DMA_UNMAP_GET_DIRTY_BITMAP, DMA_UNMAP_SIZE,
 };
 use crate::device::migration::dirty_bitmap_size;
 use crate::error::Errno;
-use crate::protocol::{cmd, flags, Wire, WireOut, DMA_REGION_ACCESS_SIZE};
+use crate::protocol::{cmd, Wire, WireOut, DMA_REGION_ACCESS_SIZE};
 use crate::transport::Conn;
 
-use super::wire::poll_any;
 use super::*;
 
 /// Executes one server-to-client command and answers it (unless it asked
@@ -67,34 +65,6 @@ pub(super) fn serve_command(
 }
 
 impl Client {
-    /// Serves the server's DMA requests until none arrives for `idle`;
-    /// returns how many were served. A reply arriving meanwhile (to nothing
-    /// outstanding) is a protocol error.
-    pub fn serve_dma(&mut self, idle: Duration) -> Result<usize> {
-        self.usable()?;
-        let mut served = 0;
-        loop {
-            let mut conns = vec![&self.conn];
-            conns.extend(self.twin.as_ref());
-            let which = match poll_any(&conns, Instant::now() + idle) {
-                Ok(0) => Sock::Main,
-                Ok(_) => Sock::Twin,
-                Err(ClientError::Timeout) => return Ok(served),
-                Err(e) => return Err(e),
-            };
-            let l = self.cmd_limit();
-            let msg = self.read_from(which, l)?;
-            if msg.hdr.msg_type() != flags::TYPE_COMMAND {
-                return proto(format!(
-                    "unexpected message (cmd {}, id {:#x}) with no request outstanding",
-                    msg.hdr.cmd, msg.hdr.msg_id
-                ));
-            }
-            self.serve(which, &msg)?;
-            served += 1;
-        }
-    }
-
     // ---- DMA ------------------------------------------------------------------
 
     /// `DMA_MAP` of `[iova, iova + size)`, backed by `fd` at `offset` when
@@ -200,7 +170,7 @@ impl Client {
 mod tests {
     use super::*;
     use crate::client::tests::{fake_server, recv};
-    use crate::protocol::Header;
+    use crate::protocol::{flags, Header};
 
     #[test]
     #[cfg_attr(miri, ignore = "Miri cannot run sendmsg/recvmsg with fds")]

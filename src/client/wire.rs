@@ -117,6 +117,34 @@ pub(super) fn raw_fds<F: AsFd>(fds: &[F]) -> Vec<RawFd> {
 }
 
 impl Client {
+    /// Serves the server's DMA requests until none arrives for `idle`;
+    /// returns how many were served. A reply arriving meanwhile (to nothing
+    /// outstanding) is a protocol error.
+    pub fn serve_dma(&mut self, idle: Duration) -> Result<usize> {
+        self.usable()?;
+        let mut served = 0;
+        loop {
+            let mut conns = vec![&self.conn];
+            conns.extend(self.twin.as_ref());
+            let which = match poll_any(&conns, Instant::now() + idle) {
+                Ok(0) => Sock::Main,
+                Ok(_) => Sock::Twin,
+                Err(ClientError::Timeout) => return Ok(served),
+                Err(e) => return Err(e),
+            };
+            let l = self.cmd_limit();
+            let msg = self.read_from(which, l)?;
+            if msg.hdr.msg_type() != flags::TYPE_COMMAND {
+                return proto(format!(
+                    "unexpected message (cmd {}, id {:#x}) with no request outstanding",
+                    msg.hdr.cmd, msg.hdr.msg_id
+                ));
+            }
+            self.serve(which, &msg)?;
+            served += 1;
+        }
+    }
+
     // ---- raw messages ------------------------------------------------------
 
     /// A fresh message id.
