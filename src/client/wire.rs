@@ -103,7 +103,8 @@ pub(super) fn poll_any(conns: &[&Conn], deadline: Instant) -> Result<usize> {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(ClientError::Io(e.into())),
         }
-        if let Some(i) = p.iter().position(|x| x.any() == Some(true)) {
+        // Any revents bit counts (nix reports unknown bits as None).
+        if let Some(i) = p.iter().position(|x| x.any() != Some(false)) {
             return Ok(i);
         }
         if Instant::now() >= deadline {
