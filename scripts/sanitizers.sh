@@ -92,7 +92,7 @@ nightly_with() {
 # Miri cannot run what needs memfd_create, file-backed mmap, sendmsg/recvmsg,
 # poll or AF_UNIX sockets. Tests that need them carry
 # #[cfg_attr(miri, ignore = "...")] in the files this script may rely on;
-# the modules below run whole. In src/device/dma.rs and src/transport.rs
+# the modules below run whole. In src/device/dma.rs and src/transport/
 # (where nearly every test maps memfds or talks over sockets) the few pure
 # tests are listed by name instead; src/device/mod.rs's tests all open
 # sockets and are not run.
@@ -119,7 +119,8 @@ MIRI_NAMED=(
     device::dma::tests::message_region_info
     device::dma::tests::size_limits
     device::dma::tests::small_table_copy_without_fds
-    transport::tests::last_message_start_walks_whole_and_partial_messages
+    transport::fds::tests::garbage_lengths_end_the_truncated_walk
+    transport::read_ahead::tests::last_message_start_walks_whole_and_partial_messages
 )
 
 # The model-checked churn of the DMA region table takes Miri about as long

@@ -2,9 +2,17 @@
 //! server, the address space the client serves `DMA_READ` / `DMA_WRITE`
 //! from, and an eventfd helper for interrupts.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EfdFlags;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::unistd::ftruncate;
 
 use crate::error::Errno;
 
@@ -50,35 +58,24 @@ impl GuestMemory {
             return Err(Errno::EINVAL);
         }
         let size = libc::off_t::try_from(len).map_err(|_| Errno::EINVAL)?;
-        // SAFETY: the name is a valid NUL-terminated string.
-        let raw = unsafe { libc::memfd_create(c"vfio-user-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(Errno::last());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain ftruncate(2) on our own fd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
-            return Err(Errno::last());
-        }
-        // SAFETY: a fresh shared mapping of our fd; the kernel picks the
-        // address and the result is checked.
+        let length = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        let fd = memfd_create(c"vfio-user-guest", MFdFlags::MFD_CLOEXEC)?;
+        ftruncate(&fd, size)?;
+        // SAFETY: a fresh shared mapping of our own fd, at an address the
+        // kernel picks, so it cannot replace any existing mapping.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
+        }?;
         Ok(GuestMemory {
             fd,
-            ptr: ptr as *mut u8,
+            ptr: ptr.as_ptr().cast::<u8>(),
             len,
         })
     }
@@ -137,9 +134,11 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe the mapping made in `new`, which no
-        // reference outlives (accesses are copies).
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        if let Some(p) = NonNull::new(self.ptr.cast::<libc::c_void>()) {
+            // SAFETY: `ptr`/`len` describe the mapping made in `new`, which
+            // no reference outlives (accesses are copies).
+            let _ = unsafe { munmap(p, self.len) };
+        }
     }
 }
 
@@ -256,29 +255,18 @@ pub struct EventFd {
 impl EventFd {
     /// A new non-blocking eventfd with a zero counter.
     pub fn new() -> Result<EventFd, Errno> {
-        // SAFETY: plain eventfd(2); the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(Errno::last());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?;
+        Ok(EventFd { fd: fd.into() })
     }
 
     /// Reads and resets the counter; `None` when it is zero.
     pub fn try_read(&self) -> Option<u64> {
-        let mut v = 0u64;
-        // SAFETY: reads at most 8 bytes into a live u64.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
-        (n == 8).then_some(v)
+        let mut v = [0u8; 8];
+        let n = nix::unistd::read(&self.fd, &mut v).ok()?;
+        (n == 8).then_some(u64::from_ne_bytes(v))
     }
 
     /// Waits up to `timeout` for the counter to become non-zero, then reads
@@ -290,31 +278,21 @@ impl EventFd {
                 return Some(v);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            let mut p = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut p, 1, ms) };
+            let mut p = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            let _ = poll(
+                &mut p,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            );
         }
     }
 
     /// Adds `v` to the counter (as a device would).
     pub fn signal(&self, v: u64) -> Result<(), Errno> {
-        // SAFETY: writes 8 bytes from a live u64.
-        let n = unsafe {
-            libc::write(
-                self.fd.as_raw_fd(),
-                &v as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
-        if n == 8 {
-            Ok(())
-        } else {
-            Err(Errno::last())
+        match nix::unistd::write(&self.fd, &v.to_ne_bytes()) {
+            Ok(8) => Ok(()),
+            Ok(_) => Err(Errno::EAGAIN),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -345,15 +323,7 @@ mod tests {
         assert_eq!(m.read(u64::MAX, &mut [0u8; 1]), Err(Errno::EFAULT));
         // The same bytes through the fd.
         let mut b = [0u8; 6];
-        // SAFETY: pread into a live buffer of the stated size.
-        let n = unsafe {
-            libc::pread(
-                m.fd().as_raw_fd(),
-                b.as_mut_ptr() as *mut libc::c_void,
-                6,
-                4090,
-            )
-        };
+        let n = nix::sys::uio::pread(m.fd(), &mut b, 4090).unwrap();
         assert_eq!(n, 6);
         assert_eq!(&b, b"abcdef");
         assert_eq!(GuestMemory::new(0).err(), Some(Errno::EINVAL));

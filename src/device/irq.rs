@@ -6,7 +6,7 @@
 //! vector table (only one of them is in use at a time), ERR and REQ have a
 //! single eventfd each, as in upstream libvfio-user.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 use crate::error::{Errno, Result};
@@ -119,13 +119,10 @@ pub struct Irqs {
 }
 
 fn signal(fd: &OwnedFd) -> Result<()> {
-    let v: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-    let n = unsafe { libc::write(fd.as_raw_fd(), &v as *const u64 as *const libc::c_void, 8) };
-    if n == 8 {
-        Ok(())
-    } else {
-        Err(Errno::last())
+    match nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+        Ok(8) => Ok(()),
+        Ok(_) => Err(Errno::EAGAIN),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -135,13 +132,10 @@ fn signal(fd: &OwnedFd) -> Result<()> {
 /// (upstream installs any fd and has that problem). The kernel's VFIO only
 /// takes eventfds here, so nothing a real client sends is refused.
 fn signalable(fd: &OwnedFd) -> bool {
-    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return false;
+    match nix::sys::stat::fstat(fd) {
+        Ok(st) => !matches!(st.st_mode & libc::S_IFMT, libc::S_IFSOCK | libc::S_IFIFO),
+        Err(_) => false,
     }
-    !matches!(st.st_mode & libc::S_IFMT, libc::S_IFSOCK | libc::S_IFIFO)
 }
 
 impl Irqs {
@@ -380,24 +374,19 @@ impl Irqs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
     fn eventfd() -> OwnedFd {
-        // SAFETY: plain eventfd(2); the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd we own.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .unwrap()
+            .into()
     }
 
     fn read_count(fd: &OwnedFd) -> u64 {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a live u64.
-        let n = unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
-        if n == 8 {
-            v
-        } else {
-            0
+        let mut v = [0u8; 8];
+        match nix::unistd::read(fd, &mut v) {
+            Ok(8) => u64::from_ne_bytes(v),
+            _ => 0,
         }
     }
 
@@ -505,11 +494,7 @@ mod tests {
         let t = IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD;
         let (sock, peer) = std::os::unix::net::UnixStream::pair().unwrap();
         drop(peer);
-        let mut p = [0; 2];
-        // SAFETY: p has room for the two fds.
-        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh fds we own.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         drop(rd);
         for bad in [OwnedFd::from(sock), wr] {
             let mut fds = vec![eventfd(), bad];

@@ -30,26 +30,17 @@
 use std::cell::{Cell, RefCell};
 use std::ptr::{self, NonNull};
 
-use super::pci_caps::CapList;
+use super::pci_caps::{CapHost, CapList, CapOps, CapReader, MsiState, MsixState};
+use super::pci_regs::CfgSpace;
+pub use super::pci_regs::{
+    CfgCallback, CFG_SPACE_EXP_SIZE, CFG_SPACE_SIZE, OFF_CAP_PTR, PCI_TYPE_CONVENTIONAL,
+    PCI_TYPE_EXPRESS, PCI_TYPE_PCI_X_1, PCI_TYPE_PCI_X_2, STATUS_CAP_LIST, STD_HEADER_SIZE,
+};
 use crate::error::{Errno, Result};
 
-/// Size of conventional PCI config space.
-pub const CFG_SPACE_SIZE: usize = 256;
-/// Size of PCI Express (and PCI-X mode 2) extended config space.
-pub const CFG_SPACE_EXP_SIZE: usize = 4096;
-/// Size of the standard (type 0) header at the start of config space.
-pub const STD_HEADER_SIZE: usize = 64;
 /// Largest config space [`PciConfig::with_size`] accepts.
 pub const MAX_CFG_SIZE: usize = 1 << 20;
 
-/// `VFU_PCI_TYPE_CONVENTIONAL`.
-pub const PCI_TYPE_CONVENTIONAL: u32 = 0;
-/// `VFU_PCI_TYPE_PCI_X_1`.
-pub const PCI_TYPE_PCI_X_1: u32 = 1;
-/// `VFU_PCI_TYPE_PCI_X_2`.
-pub const PCI_TYPE_PCI_X_2: u32 = 2;
-/// `VFU_PCI_TYPE_EXPRESS`.
-pub const PCI_TYPE_EXPRESS: u32 = 3;
 /// `PCI_HEADER_TYPE_NORMAL`, the only header type accepted.
 pub const PCI_HEADER_TYPE_NORMAL: i32 = 0;
 
@@ -125,8 +116,6 @@ const OFF_CARDBUS_CIS: usize = 0x28;
 const OFF_SUBSYS_VENDOR: usize = 0x2c;
 const OFF_SUBSYS_ID: usize = 0x2e;
 const OFF_ROM: usize = 0x30;
-/// Offset of the capability list pointer in the standard header.
-pub const OFF_CAP_PTR: usize = 0x34;
 const OFF_INT_LINE: usize = 0x3c;
 const OFF_INT_PIN: usize = 0x3d;
 const OFF_MIN_GNT: usize = 0x3e;
@@ -145,9 +134,6 @@ const CMD_STORED: u16 =
     CMD_IO | CMD_MEMORY | CMD_MASTER | CMD_INVALIDATE | CMD_SERR | CMD_INTX_DISABLE;
 /// Command bits accepted without complaint (palette snooping is ignored).
 const CMD_ACCEPTED: u16 = CMD_STORED | CMD_VGA_PALETTE;
-
-/// Status register: capabilities list present.
-pub const STATUS_CAP_LIST: u16 = 0x10;
 
 // BAR / ROM bits.
 const BAR_IO_FLAG_MASK: u32 = 0x3;
@@ -181,11 +167,6 @@ impl BarInfo {
     }
 }
 
-/// The device-side callback for the config-space region, as
-/// [`PciConfig::access`] calls it: `(data, offset, is_write)`, returning the
-/// number of bytes handled.
-pub type CfgCallback<'a> = dyn FnMut(&mut [u8], u64, bool) -> Result<usize> + 'a;
-
 /// PCI configuration space of one device.
 ///
 /// All methods take `&self`: the context may call back into device code
@@ -199,10 +180,10 @@ pub struct PciConfig {
     /// Logical size in bytes (`<= words * 8`).
     len: usize,
     pci_type: u32,
-    pub(super) caps: RefCell<CapList>,
+    caps: RefCell<CapList>,
     /// BAR/ROM info recorded by [`PciConfig::setup_bar`] / [`PciConfig::realize`].
     bars: Cell<[BarInfo; NUM_BARS + 1]>,
-    pub(super) flr_requested: Cell<bool>,
+    flr_requested: Cell<bool>,
 }
 
 // SAFETY: the buffer is a private heap allocation owned by this value (freed
@@ -282,6 +263,89 @@ impl PciConfig {
         self.pci_type
     }
 
+    // ---- capabilities (logic in pci_caps.rs) ----------------------------------
+
+    /// `vfu_pci_add_capability` with the capability's bytes in `data`
+    /// (which must hold at least the capability's size, see
+    /// [`cap_size_from_header`](super::pci_caps::cap_size_from_header); extra bytes are ignored).
+    ///
+    /// `pos` 0 places the capability after the last one added (or at 64 /
+    /// 256 for the first standard / extended one), rounded up to 4 bytes;
+    /// otherwise at `pos`, which must not overlap the header (below 64) or
+    /// another capability, and for extended capabilities must be 4-byte
+    /// aligned, and be 256 for the first one. Returns the offset.
+    ///
+    /// This variant does not know whether the device registered a
+    /// config-space region callback, so it accepts the CALLBACK flag; the C
+    /// API goes through [`PciConfig::add_capability_raw`], which refuses
+    /// CALLBACK without a callback as upstream does.
+    ///
+    /// Errors, in upstream's order: unknown flag bits `EINVAL`; extended
+    /// capability on a conventional / PCI-X mode 1 device `EINVAL`; already
+    /// [`MAX_CAPS`](super::pci_caps::MAX_CAPS) of that kind `ENOSPC`; unsupported ID `ENOTSUP`;
+    /// explicit position running past the end of the list's space `EINVAL`;
+    /// position below the start of the list's space, overlap, or extended
+    /// list not starting at 256 `EINVAL`; no room left `ENOSPC`; a callback
+    /// running this config space's access right now `EBUSY`.
+    pub fn add_capability(&self, pos: usize, flags: i32, data: &[u8]) -> Result<usize> {
+        CapOps::add_capability(self, pos, flags, data)
+    }
+
+    /// [`PciConfig::add_capability`] for the C API: `cfg_cb_registered`
+    /// tells whether the config-space region has a callback (CALLBACK caps
+    /// need one, else `EINVAL`), and `read(offset, dst)` copies capability
+    /// bytes from the C `data` pointer. It is first asked for the ID (and
+    /// for vendor-specific capabilities the length field), and only then
+    /// for the whole capability, so it is never asked for bytes past the
+    /// capability's true size. (Upstream copies the full fixed size too, so
+    /// a caller passing a shorter struct is read past in both.)
+    pub fn add_capability_raw(
+        &self,
+        pos: usize,
+        flags: i32,
+        cfg_cb_registered: bool,
+        read: &mut CapReader<'_>,
+    ) -> Result<usize> {
+        CapOps::add_capability_raw(self, pos, flags, cfg_cb_registered, read)
+    }
+
+    /// `vfu_pci_find_capability`: offset of the first capability with ID
+    /// `id`. `ENOENT` when there is none (the C API returns 0 then).
+    pub fn find_capability(&self, extended: bool, id: i32) -> Result<usize> {
+        CapOps::find_capability(self, extended, id)
+    }
+
+    /// `vfu_pci_find_next_capability`: offset of the next capability with ID
+    /// `id` after the one at `pos` (from the start of the list when `pos` is
+    /// 0), walking the lists as config space holds them. `EINVAL` when `pos`
+    /// or a list entry lies too close to the end of config space (as
+    /// upstream: `pos + 1` for standard, `pos + 4` for extended must be
+    /// below the size), `ENOENT` when the list ends (or loops) without a
+    /// match.
+    pub fn find_next_capability(&self, extended: bool, pos: usize, id: i32) -> Result<usize> {
+        CapOps::find_next_capability(self, extended, pos, id)
+    }
+
+    /// Whether any standard capability was added.
+    pub fn has_std_caps(&self) -> bool {
+        CapOps::has_std_caps(self)
+    }
+
+    /// Offset of the (last added) PCI Express capability.
+    pub fn pcie_cap_offset(&self) -> Option<usize> {
+        CapOps::pcie_cap_offset(self)
+    }
+
+    /// MSI-X state from the first MSI-X capability, if any.
+    pub fn msix_state(&self) -> Option<MsixState> {
+        CapOps::msix_state(self)
+    }
+
+    /// MSI state from the first MSI capability, if any.
+    pub fn msi_state(&self) -> Option<MsiState> {
+        CapOps::msi_state(self)
+    }
+
     // ---- raw buffer access -----------------------------------------------
 
     fn check_range(&self, off: usize, len: usize) -> Result<()> {
@@ -310,36 +374,6 @@ impl PciConfig {
         // allocation and no reference to the buffer exists.
         unsafe { ptr::copy(src.as_ptr(), self.as_ptr().add(off), src.len()) };
         Ok(())
-    }
-
-    pub(super) fn rd8(&self, off: usize) -> Result<u8> {
-        let mut b = [0u8; 1];
-        self.read_raw(off, &mut b)?;
-        Ok(b[0])
-    }
-
-    pub(super) fn rd16(&self, off: usize) -> Result<u16> {
-        let mut b = [0u8; 2];
-        self.read_raw(off, &mut b)?;
-        Ok(u16::from_le_bytes(b))
-    }
-
-    pub(super) fn rd32(&self, off: usize) -> Result<u32> {
-        let mut b = [0u8; 4];
-        self.read_raw(off, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    pub(super) fn wr8(&self, off: usize, v: u8) -> Result<()> {
-        self.write_raw(off, &[v])
-    }
-
-    pub(super) fn wr16(&self, off: usize, v: u16) -> Result<()> {
-        self.write_raw(off, &v.to_le_bytes())
-    }
-
-    pub(super) fn wr32(&self, off: usize, v: u32) -> Result<()> {
-        self.write_raw(off, &v.to_le_bytes())
     }
 
     // ---- device-side setup -------------------------------------------------
@@ -415,7 +449,7 @@ impl PciConfig {
         }
     }
 
-    pub(super) fn set_cap_list_bit(&self) {
+    fn set_cap_list_bit(&self) {
         if let Ok(s) = self.rd16(OFF_STATUS) {
             let _ = self.wr16(OFF_STATUS, s | STATUS_CAP_LIST);
         }
@@ -559,7 +593,7 @@ impl PciConfig {
     /// Config space that is neither header nor an emulated capability: the
     /// device callback if there is one, else reads from the buffer and
     /// writes refused.
-    pub(super) fn nonstd_access(
+    fn nonstd_access(
         &self,
         buf: &mut [u8],
         pos: usize,
@@ -682,6 +716,48 @@ impl PciConfig {
 
 /// Address-bit mask for a BAR of `size` bytes (rounded up to a power of
 /// two); 0 for no BAR or a size too large to represent.
+impl CfgSpace for PciConfig {
+    fn size(&self) -> usize {
+        self.len
+    }
+
+    fn pci_type(&self) -> u32 {
+        self.pci_type
+    }
+
+    fn read_raw(&self, off: usize, dst: &mut [u8]) -> Result<()> {
+        PciConfig::read_raw(self, off, dst)
+    }
+
+    fn write_raw(&self, off: usize, src: &[u8]) -> Result<()> {
+        PciConfig::write_raw(self, off, src)
+    }
+}
+
+impl CapHost for PciConfig {
+    fn caps(&self) -> &RefCell<CapList> {
+        &self.caps
+    }
+
+    fn request_flr(&self) {
+        self.flr_requested.set(true);
+    }
+
+    fn set_cap_list_bit(&self) {
+        PciConfig::set_cap_list_bit(self)
+    }
+
+    fn nonstd_access(
+        &self,
+        buf: &mut [u8],
+        pos: usize,
+        is_write: bool,
+        cb: &mut Option<&mut CfgCallback<'_>>,
+    ) -> Result<usize> {
+        PciConfig::nonstd_access(self, buf, pos, is_write, cb)
+    }
+}
+
 fn size_mask(size: u64) -> u64 {
     match size.checked_next_power_of_two() {
         Some(p) if size > 0 => !(p - 1),

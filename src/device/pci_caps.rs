@@ -7,7 +7,7 @@
 //! their 32-bit headers, the first one always at 256.
 //!
 //! Supported capabilities, with the client write rules applied by
-//! [`PciConfig::access`]:
+//! [`PciConfig::access`](super::pci::PciConfig::access):
 //!
 //! | capability              | size     | writable by the client                  |
 //! |-------------------------|----------|-----------------------------------------|
@@ -24,8 +24,10 @@
 //! Capabilities added with the CALLBACK flag hand reads and (non-header)
 //! writes to the device's config-space region callback.
 
-use super::pci::{
-    CfgCallback, PciConfig, CFG_SPACE_SIZE, OFF_CAP_PTR, PCI_TYPE_EXPRESS, PCI_TYPE_PCI_X_2,
+use std::cell::RefCell;
+
+use super::pci_regs::{
+    CfgCallback, CfgSpace, CFG_SPACE_SIZE, OFF_CAP_PTR, PCI_TYPE_EXPRESS, PCI_TYPE_PCI_X_2,
     STD_HEADER_SIZE,
 };
 use crate::error::{Errno, Result};
@@ -236,7 +238,7 @@ fn probe(extended: bool, read: &mut CapReader<'_>) -> Result<(CapKind, usize, us
 /// vendor-specific, which need 3; extended ones need 2, vendor-specific 8),
 /// `ENOTSUP` for unsupported IDs.
 ///
-/// The FFI layer may prefer [`PciConfig::add_capability_raw`], which reads
+/// The FFI layer may prefer [`PciConfig::add_capability_raw`](super::pci::PciConfig::add_capability_raw), which reads
 /// the C data itself in the right order and never past the capability.
 pub fn cap_size_from_header(extended: bool, data_prefix: &[u8]) -> Result<usize> {
     let mut rd = slice_reader(data_prefix);
@@ -297,43 +299,37 @@ pub struct MsiState {
     pub mask: u32,
 }
 
-impl PciConfig {
-    /// `vfu_pci_add_capability` with the capability's bytes in `data`
-    /// (which must hold at least the capability's size, see
-    /// [`cap_size_from_header`]; extra bytes are ignored).
-    ///
-    /// `pos` 0 places the capability after the last one added (or at 64 /
-    /// 256 for the first standard / extended one), rounded up to 4 bytes;
-    /// otherwise at `pos`, which must not overlap the header (below 64) or
-    /// another capability, and for extended capabilities must be 4-byte
-    /// aligned, and be 256 for the first one. Returns the offset.
-    ///
-    /// This variant does not know whether the device registered a
-    /// config-space region callback, so it accepts the CALLBACK flag; the C
-    /// API goes through [`PciConfig::add_capability_raw`], which refuses
-    /// CALLBACK without a callback as upstream does.
-    ///
-    /// Errors, in upstream's order: unknown flag bits `EINVAL`; extended
-    /// capability on a conventional / PCI-X mode 1 device `EINVAL`; already
-    /// [`MAX_CAPS`] of that kind `ENOSPC`; unsupported ID `ENOTSUP`;
-    /// explicit position running past the end of the list's space `EINVAL`;
-    /// position below the start of the list's space, overlap, or extended
-    /// list not starting at 256 `EINVAL`; no room left `ENOSPC`; a callback
-    /// running this config space's access right now `EBUSY`.
-    pub fn add_capability(&self, pos: usize, flags: i32, data: &[u8]) -> Result<usize> {
+/// What the capability code needs from the config space holding the
+/// capabilities ([`PciConfig`](super::pci::PciConfig) implements it): its
+/// capability list, a place to record a Function Level Reset request, the
+/// header's "capabilities list" status bit and the route for accesses it
+/// does not emulate.
+pub(crate) trait CapHost: CfgSpace {
+    /// The capabilities added so far.
+    fn caps(&self) -> &RefCell<CapList>;
+    /// Records that a client write initiated a Function Level Reset.
+    fn request_flr(&self);
+    /// Sets the header's "capabilities list" status bit.
+    fn set_cap_list_bit(&self);
+    /// Config space that is neither header nor an emulated capability.
+    fn nonstd_access(
+        &self,
+        buf: &mut [u8],
+        pos: usize,
+        is_write: bool,
+        cb: &mut Option<&mut CfgCallback<'_>>,
+    ) -> Result<usize>;
+}
+
+/// The capability operations, for any [`CapHost`]; the public ones are
+/// re-exposed as inherent methods of `PciConfig`, which documents them.
+pub(crate) trait CapOps: CapHost {
+    fn add_capability(&self, pos: usize, flags: i32, data: &[u8]) -> Result<usize> {
         let mut rd = slice_reader(data);
         self.add_capability_raw(pos, flags, true, &mut rd)
     }
 
-    /// [`PciConfig::add_capability`] for the C API: `cfg_cb_registered`
-    /// tells whether the config-space region has a callback (CALLBACK caps
-    /// need one, else `EINVAL`), and `read(offset, dst)` copies capability
-    /// bytes from the C `data` pointer. It is first asked for the ID (and
-    /// for vendor-specific capabilities the length field), and only then
-    /// for the whole capability, so it is never asked for bytes past the
-    /// capability's true size. (Upstream copies the full fixed size too, so
-    /// a caller passing a shorter struct is read past in both.)
-    pub fn add_capability_raw(
+    fn add_capability_raw(
         &self,
         pos: usize,
         flags: i32,
@@ -348,7 +344,7 @@ impl PciConfig {
         }
         let extended = flags & CAP_FLAG_EXTENDED != 0;
         {
-            let caps = self.caps.try_borrow().map_err(|_| Errno::EBUSY)?;
+            let caps = self.caps().try_borrow().map_err(|_| Errno::EBUSY)?;
             if extended {
                 if !matches!(self.pci_type(), PCI_TYPE_PCI_X_2 | PCI_TYPE_EXPRESS) {
                     return Err(Errno::EINVAL);
@@ -380,7 +376,7 @@ impl PciConfig {
         let mut data = vec![0u8; size];
         read(0, &mut data)?;
 
-        let mut caps = self.caps.try_borrow_mut().map_err(|_| Errno::EBUSY)?;
+        let mut caps = self.caps().try_borrow_mut().map_err(|_| Errno::EBUSY)?;
         let cap = Cap {
             kind,
             off: 0,
@@ -487,20 +483,11 @@ impl PciConfig {
         self.wr32(hdr_off, (h & 0x000f_ffff) | (next << 20))
     }
 
-    /// `vfu_pci_find_capability`: offset of the first capability with ID
-    /// `id`. `ENOENT` when there is none (the C API returns 0 then).
-    pub fn find_capability(&self, extended: bool, id: i32) -> Result<usize> {
+    fn find_capability(&self, extended: bool, id: i32) -> Result<usize> {
         self.find_next_capability(extended, 0, id)
     }
 
-    /// `vfu_pci_find_next_capability`: offset of the next capability with ID
-    /// `id` after the one at `pos` (from the start of the list when `pos` is
-    /// 0), walking the lists as config space holds them. `EINVAL` when `pos`
-    /// or a list entry lies too close to the end of config space (as
-    /// upstream: `pos + 1` for standard, `pos + 4` for extended must be
-    /// below the size), `ENOENT` when the list ends (or loops) without a
-    /// match.
-    pub fn find_next_capability(&self, extended: bool, pos: usize, id: i32) -> Result<usize> {
+    fn find_next_capability(&self, extended: bool, pos: usize, id: i32) -> Result<usize> {
         let size = self.size();
         let fits = |off: usize, n: usize| matches!(off.checked_add(n), Some(e) if e < size);
         if extended {
@@ -554,17 +541,15 @@ impl PciConfig {
         Err(Errno::ENOENT)
     }
 
-    /// Whether any standard capability was added.
-    pub fn has_std_caps(&self) -> bool {
-        self.caps
+    fn has_std_caps(&self) -> bool {
+        self.caps()
             .try_borrow()
             .map(|c| !c.std.is_empty())
             .unwrap_or(false)
     }
 
-    /// Offset of the (last added) PCI Express capability.
-    pub fn pcie_cap_offset(&self) -> Option<usize> {
-        let caps = self.caps.try_borrow().ok()?;
+    fn pcie_cap_offset(&self) -> Option<usize> {
+        let caps = self.caps().try_borrow().ok()?;
         caps.std
             .iter()
             .rev()
@@ -573,12 +558,11 @@ impl PciConfig {
     }
 
     fn first_cap_of(&self, kind: CapKind) -> Option<usize> {
-        let caps = self.caps.try_borrow().ok()?;
+        let caps = self.caps().try_borrow().ok()?;
         caps.std.iter().find(|c| c.kind == kind).map(|c| c.off)
     }
 
-    /// MSI-X state from the first MSI-X capability, if any.
-    pub fn msix_state(&self) -> Option<MsixState> {
+    fn msix_state(&self) -> Option<MsixState> {
         let off = self.first_cap_of(CapKind::Msix)?;
         let mc = self.rd16(off + MSIX_FLAGS).ok()?;
         let table = self.rd32(off + MSIX_TABLE).ok()?;
@@ -595,8 +579,7 @@ impl PciConfig {
         })
     }
 
-    /// MSI state from the first MSI capability, if any.
-    pub fn msi_state(&self) -> Option<MsiState> {
+    fn msi_state(&self) -> Option<MsiState> {
         let off = self.first_cap_of(CapKind::Msi)?;
         let mc = self.rd16(off + MSI_FLAGS).ok()?;
         let lo = self.rd32(off + MSI_ADDR_LO).ok()?;
@@ -616,7 +599,7 @@ impl PciConfig {
 
     /// A piece of a client access lying entirely inside `cap`, starting at
     /// `pos`.
-    pub(super) fn cap_access(
+    fn cap_access(
         &self,
         cap: &Cap,
         buf: &mut [u8],
@@ -732,7 +715,7 @@ impl PciConfig {
                     (cur & PX_DEVCTL_BCR_FLR) | (v & !PX_DEVCTL_BCR_FLR),
                 )?;
                 if flr {
-                    self.flr_requested.set(true);
+                    self.request_flr();
                 }
             }
             // Link, slot and root control and slot control 2: not
@@ -745,10 +728,13 @@ impl PciConfig {
     }
 }
 
+impl<T: CapHost + ?Sized> CapOps for T {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::pci::{PCI_TYPE_CONVENTIONAL, PCI_TYPE_PCI_X_1, STATUS_CAP_LIST};
+    use crate::device::pci::PciConfig;
+    use crate::device::pci_regs::{PCI_TYPE_CONVENTIONAL, PCI_TYPE_PCI_X_1, STATUS_CAP_LIST};
 
     fn conventional() -> PciConfig {
         PciConfig::new(PCI_TYPE_CONVENTIONAL, 0, 0).unwrap()
