@@ -92,7 +92,9 @@ nightly_with() {
 # Miri cannot run what needs memfd_create, file-backed mmap, sendmsg/recvmsg,
 # poll or AF_UNIX sockets. Tests that need them carry
 # #[cfg_attr(miri, ignore = "...")] in the files this script may rely on;
-# the modules below run whole. In src/device/dma.rs and src/transport/
+# the modules below run whole. In src/device/dma/tests.rs (the tests of the
+# DMA controller, its regions, translation, dirty logging and guest access)
+# and src/transport/
 # (where nearly every test maps memfds or talks over sockets) the few pure
 # tests are listed by name instead; src/device/mod.rs's tests all open
 # sockets and are not run.
@@ -101,13 +103,13 @@ MIRI_MODULES=(
     client::
     ffi::boundary::
     device::dma_msg::
-    device::dma_snap::
-    device::dma_table::
+    device::dma::snap::
+    device::dma::table::
     device::irq::
     device::migration::
     device::pci::
     device::pci_caps::
-    device::rcu::
+    device::dma::rcu::
     device::region::
 )
 MIRI_NAMED=(
@@ -126,7 +128,7 @@ MIRI_NAMED=(
 # The model-checked churn of the DMA region table takes Miri about as long
 # as all the rest together, so it runs in a second Miri process alongside
 # (each Miri process keeps one core busy).
-MIRI_ALONGSIDE=device::dma_table::tests::churn_matches_a_model
+MIRI_ALONGSIDE=device::dma::table::tests::churn_matches_a_model
 
 # miri_tests LOG FILTER...: one Miri run of the unit tests.
 miri_tests() {

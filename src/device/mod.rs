@@ -15,15 +15,12 @@ mod access_log;
 pub(crate) mod dispatch;
 pub mod dma;
 pub mod dma_msg;
-mod dma_snap;
-mod dma_table;
 mod event_loop;
 pub mod irq;
 pub mod migration;
 pub mod pci;
 pub mod pci_caps;
 pub(crate) mod pci_regs;
-mod rcu;
 pub mod region;
 
 use std::cell::{Cell, OnceCell, RefCell};

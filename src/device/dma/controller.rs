@@ -17,7 +17,7 @@ pub struct DmaController {
     /// Copy of `Inner::dirty_page_size` readable without the lock, to make
     /// `sgl_put` free when not logging.
     pub(super) logging_page_size: AtomicU64,
-    /// Lock-free copy of the table while it is small (`dma_snap.rs`),
+    /// Lock-free copy of the table while it is small (`snap.rs`),
     /// republished under the write lock after every change.
     pub(super) snap: Snapshot,
 }
@@ -55,7 +55,7 @@ impl DmaController {
     /// Republishes the lock-free copy of the table; call with the write lock
     /// held (`inner`), after every change to the table.
     pub(super) fn publish_snapshot(&self, inner: &Inner) {
-        let entries = inner.regions.values().map(|r| dma_snap::Entry {
+        let entries = inner.regions.values().map(|r| snap::Entry {
             start: r.iova,
             len: r.len,
             id: r.id,

@@ -5,7 +5,7 @@
 //!
 //! Design:
 //!
-//! * Regions live in a `RegionTable` (`dma_table.rs`: ordered by first
+//! * Regions live in a `RegionTable` (`table.rs`: ordered by first
 //!   IOVA, with a page hash for small regions), behind an `RwLock`.
 //!   Map/unmap take the write lock; the I/O paths that miss the cache below
 //!   (translation, `sgl_get`, `sgl_put`, dirty marking, direct access) take
@@ -22,7 +22,7 @@
 //!   `membarrier` of the thread that removes a region, which waits for
 //!   sections in progress before it unmaps anything.
 //! * While the table holds at most 64 regions (guest RAM blocks, as SPDK's
-//!   target sees them), a lock-free copy of it (`dma_snap.rs`, a sequence
+//!   target sees them), a lock-free copy of it (`snap.rs`, a sequence
 //!   lock rewritten under the write lock on every change) answers
 //!   translation and `sgl_get` first, before the cache: a few compares,
 //!   no thread-local access, no lock. An entry remembers where the copy
@@ -44,13 +44,13 @@
 //! * `translate.rs`: address translation into scatter/gather entries
 //!   (`addr_to_sgl`, the lock-free fast paths, `sgl_get` / `sgl_put`);
 //! * `tlb.rs`: the per-thread translation cache;
+//! * `table.rs`: the ordered region table (with its page hash);
+//! * `snap.rs`: the lock-free copy of a small table;
+//! * `rcu.rs`: the read-side sections of the lock-free access paths;
 //! * `dirty.rs`: dirty page logging and its bitmaps;
 //! * `guest.rs`: access to guest memory ([`GuestSlice`], `sg_read` /
 //!   `sg_write`, `read` / `write`, file I/O for regions that are not mapped).
 
-use super::dma_snap::{self, Snapshot};
-use super::dma_table::{RegionTable, Span};
-use super::rcu;
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
@@ -63,7 +63,10 @@ use crate::error::{Errno, Result};
 mod controller;
 mod dirty;
 mod guest;
+mod rcu;
 mod region;
+mod snap;
+mod table;
 #[cfg(test)]
 mod tests;
 mod tlb;
@@ -75,6 +78,8 @@ pub use dirty::bitmap_size;
 use dirty::*;
 pub use guest::GuestSlice;
 use region::*;
+use snap::Snapshot;
+use table::{RegionTable, Span};
 use tlb::*;
 use translate::*;
 

@@ -722,11 +722,11 @@ fn stale_and_forged_entries() {
 
 #[test]
 fn small_table_copy_follows_every_change() {
-    // Up to dma_snap::CAPACITY regions the lock-free copy answers; past
+    // Up to snap::CAPACITY regions the lock-free copy answers; past
     // it the other paths do. Every answer must match the table, across
     // the switch both ways, and a wrong or stale slot hint must never
     // resolve to another region.
-    let n = dma_snap::CAPACITY + 2;
+    let n = snap::CAPACITY + 2;
     let dma = DmaController::new(n);
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),

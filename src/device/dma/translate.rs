@@ -96,7 +96,7 @@ impl DmaController {
     }
 
     /// The fastest translation: with few regions (the lock-free copy of the
-    /// table, `dma_snap.rs`), a non-empty range inside one region that
+    /// table, `snap.rs`), a non-empty range inside one region that
     /// allows `prot` is a search of a small sorted array, without lock or
     /// hashing. Fills `sg` and returns true; false when the full path
     /// ([`Self::addr_to_sgl`]) must answer, errors included.
@@ -135,7 +135,7 @@ impl DmaController {
             return None;
         }
         #[inline(always)]
-        fn local(v: &dma_snap::View<'_>, sg: &DmaSg) -> Option<usize> {
+        fn local(v: &snap::View<'_>, sg: &DmaSg) -> Option<usize> {
             let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
             if e.vaddr == 0 || check_range(e.len, e.prot, sg).is_err() {
                 return None;
