@@ -34,6 +34,9 @@ fn main() {
 
     for f in [
         "src/ffi/mod.rs",
+        "src/ffi/dma.rs",
+        "src/ffi/pci.rs",
+        "src/ffi/region_fds.rs",
         "src/ffi/header_preamble.h",
         "src/ffi/header_trailer.h",
         "cbindgen.toml",

@@ -1,0 +1,263 @@
+//! The C ABI of guest memory access: address translation into
+//! scatter/gather lists (`vfu_addr_to_sgl`), mapping them (`vfu_sgl_get`,
+//! `vfu_sgl_put`, `vfu_sgl_mark_dirty`), copying through them
+//! (`vfu_sgl_read`, `vfu_sgl_write`) and `vfu_sg_is_mappable`.
+
+use super::*;
+
+fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: the caller passes an array of n entries from vfu_addr_to_sgl.
+    Ok(unsafe { std::slice::from_raw_parts(p as *const DmaSg, n) })
+}
+
+/// The DMA controller of a context for the per-I/O fast paths below, which
+/// run outside the panic guard: they only compute, and cannot panic. `None`
+/// for NULL or a context without DMA (the full path gives the errno).
+#[inline(always)]
+fn dma_fast<'a>(vfu_ctx: *mut vfu_ctx_t) -> Option<&'a DmaController> {
+    // SAFETY: as in `ctx`: NULL or a live context from vfu_create_ctx.
+    unsafe { from_handle(vfu_ctx) }
+        .and_then(|c| c.dma())
+        .map(|d| &**d)
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_addr_to_sgl(
+    vfu_ctx: *mut vfu_ctx_t,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    // SPDK's case, a range inside one of few regions: no guard needed, as
+    // the fast path cannot panic.
+    if max_nr_sgs > 0 && !sgl.is_null() {
+        if let Some(dma) = dma_fast(vfu_ctx) {
+            // SAFETY: the caller provides room for max_nr_sgs >= 1 entries.
+            let first = unsafe { &mut *(sgl as *mut DmaSg) };
+            if dma.addr_to_sg_fast(dma_addr as u64, len as u64, first, prot) {
+                return 1;
+            }
+        }
+    }
+    addr_to_sgl_full(vfu_ctx, dma_addr, len, sgl, max_nr_sgs, prot)
+}
+
+/// [`vfu_addr_to_sgl`] past its fast path (out of line).
+#[inline(never)]
+fn addr_to_sgl_full(
+    vfu_ctx: *mut vfu_ctx_t,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
+            let out: &mut [DmaSg] = if max_nr_sgs == 0 {
+                &mut []
+            } else if sgl.is_null() {
+                return Err(Errno::EINVAL);
+            } else {
+                // SAFETY: the caller provides room for max_nr_sgs entries.
+                unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) }
+            };
+            Ok(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot))
+        })();
+        match r {
+            Err(e) => {
+                set_errno(e.0);
+                -1
+            }
+            Ok(Ok(n)) => n as c_int,
+            Ok(Err(SglError::Errno(e))) => {
+                set_errno(e.0);
+                -1
+            }
+            Ok(Err(SglError::NeedMore(n))) => {
+                set_errno(0);
+                -(n.min(c_int::MAX as usize - 1) as c_int) - 1
+            }
+        }
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_get(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+    flags: c_int,
+) -> c_int {
+    // SPDK's case, one entry of one of few regions, checked without a
+    // guard (the fast path cannot panic).
+    if cnt == 1 && !sgl.is_null() && !iov.is_null() {
+        if let Some(dma) = dma_fast(vfu_ctx) {
+            // SAFETY: the caller passes one entry from vfu_addr_to_sgl.
+            let sg = unsafe { &*(sgl as *const DmaSg) };
+            if let Some(base) = dma.sg_addr_fast(sg) {
+                // SAFETY: the caller provides one iovec.
+                unsafe {
+                    *iov = iovec {
+                        iov_base: base,
+                        iov_len: sg.length as usize,
+                    };
+                }
+                return 0;
+            }
+        }
+    }
+    sgl_get_full(vfu_ctx, sgl, iov, cnt, flags)
+}
+
+/// [`vfu_sgl_get`] past its fast path (out of line).
+#[inline(never)]
+fn sgl_get_full(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+    flags: c_int,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            // Like upstream's release build, `flags` is not checked.
+            let _ = flags;
+            let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
+            let s = self::sgl(sgl, cnt)?;
+            if cnt > 0 && iov.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            let out: &mut [iovec] = if cnt == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller provides cnt iovecs.
+                unsafe { std::slice::from_raw_parts_mut(iov, cnt) }
+            };
+            dma.sgl_get(s, out)
+        })();
+        ret(r, |_| 0)
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_mark_dirty(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
+    guard(|| {
+        if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
+            if let Some(d) = c.dma() {
+                d.sgl_mark_dirty(s);
+            }
+        }
+    })
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sgl_put(
+    vfu_ctx: *mut vfu_ctx_t,
+    sgl: *mut dma_sg_t,
+    iov: *mut iovec,
+    cnt: size_t,
+) {
+    // The iovecs from vfu_sgl_get() need no release: the mappings live as
+    // long as their DMA regions.
+    let _ = iov;
+    // Without dirty page logging there is nothing to do (no guard needed).
+    if dma_fast(vfu_ctx).is_some_and(|d| !d.logging()) {
+        return;
+    }
+    sgl_put_full(vfu_ctx, sgl, cnt);
+}
+
+/// [`vfu_sgl_put`] past its fast path (out of line): marks written pages
+/// dirty while logging.
+#[inline(never)]
+fn sgl_put_full(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
+    guard(|| {
+        if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
+            if let Some(d) = c.dma() {
+                d.sgl_put(s);
+            }
+        }
+    })
+}
+
+fn sgl_rw(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+    write: bool,
+) -> c_int {
+    guard(|| {
+        let r = (|| {
+            let c = ctx(vfu_ctx)?;
+            if flags & !1 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if sg_cnt != 1 {
+                return Err(Errno::ENOTSUP);
+            }
+            let s = &self::sgl(sg, 1)?[0];
+            let len = usize::try_from(s.length).map_err(|_| Errno::EINVAL)?;
+            if len > 0 && data.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            let buf: &mut [u8] = if len == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller provides a buffer of the entry's length.
+                unsafe { std::slice::from_raw_parts_mut(data as *mut u8, len) }
+            };
+            c.dma_transfer(s, buf, write, flags & 1 != 0)
+        })();
+        ret(r, |_| 0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_sgl_read(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+) -> c_int {
+    sgl_rw(vfu_ctx, sg, sg_cnt, data, flags, false)
+}
+
+#[no_mangle]
+pub extern "C" fn vfu_sgl_write(
+    vfu_ctx: *mut vfu_ctx_t,
+    sg: *mut dma_sg_t,
+    sg_cnt: size_t,
+    data: *mut c_void,
+    flags: c_int,
+) -> c_int {
+    sgl_rw(vfu_ctx, sg, sg_cnt, data, flags, true)
+}
+
+/// Thread-safe: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn vfu_sg_is_mappable(vfu_ctx: *mut vfu_ctx_t, sg: *mut dma_sg_t) -> bool {
+    guard(|| {
+        let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sg, 1)) else {
+            return false;
+        };
+        c.dma().is_some_and(|d| d.sg_is_mappable(&s[0]))
+    })
+}
