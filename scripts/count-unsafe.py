@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # Counts `unsafe {` blocks (and `unsafe impl`) under src/, split into non-test code
 # (before the first "#[cfg(test)]\nmod tests") and test code (that part, and
-# whole files named tests.rs, which are only included as `#[cfg(test)] mod tests;`). Usage: scripts/count-unsafe.py [git-rev] (default: the work tree)
+# whole files named tests.rs or test_util.rs, which are only included under #[cfg(test)]). Usage: scripts/count-unsafe.py [git-rev] (default: the work tree)
 import subprocess,sys,re,collections
 import os
 rev=sys.argv[1] if len(sys.argv)>1 else 'WORKTREE'
@@ -16,7 +16,7 @@ else:
     get=lambda f: subprocess.check_output(['git','-C',repo,'show',f'{rev}:{f}'],text=True)
 tot=collections.Counter(); per={}
 for f in files:
-    s=get(f); i=0 if f.endswith('/tests.rs') else s.find('#[cfg(test)]\nmod tests'); a,b=(s,'') if i<0 else (s[:i],s[i:])
+    s=get(f); i=0 if f.endswith(('/tests.rs','/test_util.rs')) else s.find('#[cfg(test)]\nmod tests'); a,b=(s,'') if i<0 else (s[:i],s[i:])
     strip=lambda t: re.sub(r'//[^\n]*','',t)
     a,b=strip(a),strip(b)
     n=(len(re.findall(r'unsafe\s*\{',a)),len(re.findall(r'unsafe\s*\{',b)),len(re.findall(r'unsafe\s+impl',a)))

@@ -92,8 +92,8 @@ nightly_with() {
 # Miri cannot run what needs memfd_create, file-backed mmap, sendmsg/recvmsg,
 # poll or AF_UNIX sockets. Tests that need them carry
 # #[cfg_attr(miri, ignore = "...")] in the files this script may rely on;
-# the modules below run whole. In src/device/dma/tests.rs (the tests of the
-# DMA controller, its regions, translation, dirty logging and guest access)
+# the modules below run whole. In the DMA controller's files (src/device/dma/
+# mod.rs, controller.rs, translate.rs, tlb.rs, dirty.rs, region.rs, guest.rs)
 # and src/transport/
 # (where nearly every test maps memfds or talks over sockets) the few pure
 # tests are listed by name instead; src/device/mod.rs's tests all open
@@ -113,14 +113,14 @@ MIRI_MODULES=(
     device::region::
 )
 MIRI_NAMED=(
-    device::dma::tests::addr_to_sgl_need_more
-    device::dma::tests::bitmap_helpers
-    device::dma::tests::hint_is_per_controller
+    device::dma::translate::tests::addr_to_sgl_need_more
+    device::dma::dirty::tests::bitmap_helpers
+    device::dma::tlb::tests::hint_is_per_controller
     device::dma::tests::layouts_match_upstream
-    device::dma::tests::max_regions
-    device::dma::tests::message_region_info
-    device::dma::tests::size_limits
-    device::dma::tests::small_table_copy_without_fds
+    device::dma::controller::tests::max_regions
+    device::dma::controller::tests::message_region_info
+    device::dma::controller::tests::size_limits
+    device::dma::translate::tests::small_table_copy_without_fds
     transport::fds::tests::garbage_lengths_end_the_truncated_walk
     transport::read_ahead::tests::last_message_start_walks_whole_and_partial_messages
 )

@@ -279,3 +279,185 @@ impl DmaController {
         self.table().regions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::dma::test_util::*;
+
+    const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    #[test]
+    fn map_unmap_memfd() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        pwrite_file(&fd, PAGE, b"hello");
+        let keep = dup(&fd);
+        let info = dma
+            .add_region(0x10000, 2 * PAGE, Some(fd), PAGE, PROT_RW, false)
+            .unwrap();
+        assert_eq!(info.iova_start(), 0x10000);
+        assert_eq!(info.iova_len(), 2 * PAGE);
+        assert!(!info.vaddr.is_null());
+        assert_eq!(info.mapping.iov_len as u64, 2 * PAGE);
+        assert_eq!(info.page_size as u64, PAGE);
+        assert_eq!(info.prot, PROT_RW as u32);
+        // vaddr points at file offset PAGE.
+        // SAFETY: the region is mapped readable and 2 pages long.
+        let got = unsafe { std::slice::from_raw_parts(info.vaddr as *const u8, 5) }.to_vec();
+        assert_eq!(got, b"hello");
+        assert_eq!(dma.region_count(), 1);
+
+        let removed = dma.remove_region(0x10000, 2 * PAGE).unwrap();
+        assert_eq!(removed.iova_start(), 0x10000);
+        assert_eq!(dma.region_count(), 0);
+        assert_eq!(dma.remove_region(0x10000, 2 * PAGE), Err(Errno::ENOENT));
+        drop(keep);
+    }
+
+    #[test]
+    fn message_region_info() {
+        let dma = DmaController::new(10);
+        let info = dma
+            .add_region(0x10000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert!(info.vaddr.is_null());
+        assert!(info.mapping.iov_base.is_null());
+        assert_eq!(info.mapping.iov_len, 0);
+        assert_eq!(info.page_size, system_page_size());
+        let sg = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        assert!(!dma.sg_is_mappable(&sg));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EFAULT));
+        // FILE_IO needs an fd.
+        assert_eq!(
+            dma.add_region(0x90000, PAGE, None, 0, PROT_RW, true)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn overlap_and_identical_remap() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        let fd2 = dup(&fd);
+        let fd3 = dup(&fd);
+        let a = dma
+            .add_region(0x4000, 2 * PAGE, Some(fd), 0, PROT_RW, false)
+            .unwrap();
+        // Overlaps: upstream reports EINVAL.
+        for (iova, len) in [
+            (0x3000, 2 * PAGE),
+            (0x5000, PAGE),
+            (0x4000, PAGE),
+            (0x0, 0x10000),
+        ] {
+            assert_eq!(
+                dma.add_region(iova, len, None, 0, PROT_RW, false)
+                    .unwrap_err(),
+                Errno::EINVAL,
+                "{iova:#x}"
+            );
+        }
+        // Adjacent is fine.
+        dma.add_region(0x2000, 2 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x6000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        // Identical: accepted, same region.
+        let b = dma
+            .add_region(0x4000, 2 * PAGE, Some(fd2), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(a.vaddr, b.vaddr);
+        assert_eq!(dma.region_count(), 3);
+        // Same range, different prot / offset / file: EINVAL.
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, Some(fd3), 0, libc::PROT_READ, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, Some(memfd(4 * PAGE)), 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0x4000, 2 * PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(dma.region_count(), 3);
+    }
+
+    #[test]
+    fn size_limits() {
+        let dma = DmaController::new(3);
+        assert_eq!(
+            dma.add_region(0x1000, MAX_DMA_SIZE + PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::ENOSPC
+        );
+        dma.add_region(1 << 50, MAX_DMA_SIZE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(
+            dma.add_region(0x1000, 0, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(u64::MAX - 0xfff, 0x2000, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        assert_eq!(
+            dma.add_region(0, PAGE, None, 0, libc::PROT_EXEC, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn max_regions() {
+        let dma = DmaController::new(4);
+        for i in 0..4 {
+            dma.add_region(i * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        assert_eq!(
+            dma.add_region(10 * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap_err(),
+            Errno::EINVAL
+        );
+        // An identical re-map does not count as a new region.
+        dma.add_region(0, PAGE, None, 0, PROT_RW, false).unwrap();
+        dma.remove_region(0, PAGE).unwrap();
+        dma.add_region(10 * PAGE, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+    }
+
+    #[test]
+    fn exact_match_unmap_and_remove_all() {
+        let dma = DmaController::new(10);
+        dma.add_region(0x1000, 0x2000, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x8000, 0x1000, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(dma.remove_region(0x1000, 0x1000), Err(Errno::ENOENT));
+        assert_eq!(dma.remove_region(0x2000, 0x1000), Err(Errno::ENOENT));
+        assert_eq!(dma.remove_region(0x1000, 0x3000), Err(Errno::ENOENT));
+        assert_eq!(dma.find_exact(0x1000, 0x2000).unwrap().iova_start(), 0x1000);
+        assert_eq!(dma.find_exact(0x1000, 0x1000).unwrap_err(), Errno::ENOENT);
+        assert_eq!(dma.first_region().unwrap().iova_start(), 0x1000);
+        let all = dma.remove_all();
+        assert_eq!(
+            all.iter().map(DmaInfo::iova_start).collect::<Vec<_>>(),
+            vec![0x1000, 0x8000]
+        );
+        assert_eq!(dma.region_count(), 0);
+        assert!(dma.first_region().is_none());
+    }
+}

@@ -432,3 +432,373 @@ pub(super) fn file_io(fd: &OwnedFd, pos: i64, buf: *mut u8, n: usize, write: boo
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::dma::test_util::*;
+    use std::time::Instant;
+
+    const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    #[test]
+    fn sg_access_modes() {
+        let dma = DmaController::new(10);
+        let fd_m = memfd(4 * PAGE);
+        let fd_f = memfd(4 * PAGE);
+        let keep_m = dup(&fd_m);
+        let keep_f = dup(&fd_f);
+        dma.add_region(0x10000, 2 * PAGE, Some(fd_m), PAGE, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x20000, 2 * PAGE, Some(fd_f), PAGE, PROT_RW, true)
+            .unwrap();
+        dma.add_region(0x30000, 2 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+
+        let data: Vec<u8> = (0..100u8).collect();
+        for base in [0x10000u64, 0x20000] {
+            let sg = sg1(&dma, base + PAGE + 10, 100, PROT_RW);
+            // Without the direct flag everything goes to the client.
+            let mut tmp = data.clone();
+            assert_eq!(dma.sg_access(&sg, &mut tmp, true, false), Ok(false));
+            assert_eq!(dma.sg_write(&sg, &data, true), Ok(true));
+            let mut back = vec![0u8; 100];
+            assert_eq!(dma.sg_read(&sg, &mut back, true), Ok(true));
+            assert_eq!(back, data);
+            // Short buffer.
+            assert_eq!(dma.sg_read(&sg, &mut back[..99], true), Err(Errno::EINVAL));
+            // Dirty page: second page of the region.
+            assert_eq!(bits(&report(&dma, base, 2 * PAGE, PAGE).unwrap()), 0b10);
+        }
+        // The bytes landed in the files at offset PAGE + PAGE + 10.
+        assert_eq!(pread_file(&keep_m, 2 * PAGE + 10, 100), data);
+        assert_eq!(pread_file(&keep_f, 2 * PAGE + 10, 100), data);
+        // Message-only region.
+        let sg = sg1(&dma, 0x30000, 100, PROT_RW);
+        let mut buf = vec![0u8; 100];
+        assert_eq!(dma.sg_access(&sg, &mut buf, false, true), Ok(false));
+        assert_eq!(dma.sg_access(&sg, &mut buf, true, true), Ok(false));
+        // FILE_IO past the end of the file: EIO.
+        let sg = sg1(&dma, 0x20000 + PAGE, PAGE, PROT_RW);
+        // SAFETY: the fd is open.
+        let r = unsafe { libc::ftruncate(keep_f.as_raw_fd(), PAGE as i64) };
+        assert_eq!(r, 0);
+        let mut big = vec![0u8; PAGE as usize];
+        assert_eq!(dma.sg_read(&sg, &mut big, true), Err(Errno::EIO));
+    }
+
+    #[test]
+    fn concurrent_access_while_mapping() {
+        let dma = Arc::new(DmaController::new(100_000));
+        // Each thread touches only its own pages (page % 3 == thread), so
+        // that any race ThreadSanitizer sees is the library's.
+        let stable = memfd(18 * PAGE);
+        dma.add_region(0, 18 * PAGE, Some(stable), 0, PROT_RW, false)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for t in 0..3u64 {
+            let dma = Arc::clone(&dma);
+            let stop = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let mut ops = 0u64;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) || ops < 1000 {
+                    // Stable region: must always work.
+                    let page = t + 3 * (i % 6);
+                    let mut sgl = [DmaSg::default()];
+                    assert_eq!(dma.addr_to_sgl(page * PAGE, PAGE, &mut sgl, PROT_RW), Ok(1));
+                    let mut iov = [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }];
+                    dma.sgl_get(&sgl, &mut iov).unwrap();
+                    let src = [t as u8 + 1; 64];
+                    // SAFETY: iov is a writable mapping of a whole page.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), iov[0].iov_base as *mut u8, 64)
+                    };
+                    dma.sgl_put(&sgl);
+                    // Volatile regions: may fail, must not crash.
+                    let v = 0x100_0000 + (t + 3 * (i % 21)) * PAGE;
+                    if let Ok(1) = dma.addr_to_sgl(v, PAGE, &mut sgl, PROT_RW) {
+                        let mut buf = vec![0u8; PAGE as usize];
+                        match dma.sg_write(&sgl[0], &buf, true) {
+                            Ok(true) | Err(Errno::EINVAL) => {}
+                            other => panic!("unexpected {other:?}"),
+                        }
+                        match dma.sg_read(&sgl[0], &mut buf, true) {
+                            Ok(true) | Err(Errno::EINVAL) => {}
+                            other => panic!("unexpected {other:?}"),
+                        }
+                        let _ = dma.sgl_get(&sgl, &mut iov);
+                        dma.sgl_put(&sgl);
+                    }
+                    ops += 1;
+                    i += 1;
+                }
+                ops
+            }));
+        }
+        let start = Instant::now();
+        let mut round = 0u64;
+        while start.elapsed().as_millis() < 300 || round < 20 {
+            for k in 0..64u64 {
+                let iova = 0x100_0000 + k * PAGE;
+                dma.add_region(iova, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+                    .unwrap();
+            }
+            for k in 0..64u64 {
+                let iova = 0x100_0000 + k * PAGE;
+                dma.remove_region(iova, PAGE).unwrap();
+            }
+            round += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            assert!(t.join().unwrap() >= 1000);
+        }
+        // Every page of the stable region was dirtied.
+        let bm = report(&dma, 0, 18 * PAGE, PAGE).unwrap();
+        assert_eq!(bits(&bm), 0x3ffff);
+    }
+
+    #[test]
+    fn lock_free_access_races_unmap() {
+        // Threads read and write a region through their translation caches
+        // (the lock-free path) while this thread unmaps it and maps a new
+        // file at the same address, over and over. Unmapping must wait for
+        // copies in progress (else: SIGSEGV, or a copy landing in whatever
+        // the kernel maps there next), and every read must see one file's
+        // bytes, whole. Each thread keeps to its own half of the region, so
+        // that any race ThreadSanitizer sees is the library's.
+        const LEN: u64 = 16 * PAGE;
+        const HALF: u64 = LEN / 2;
+        const IOVA: u64 = 0x4000_0000;
+        let dma = Arc::new(DmaController::new(16));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hits = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for t in 0..2u64 {
+            let (dma, stop, hits) = (Arc::clone(&dma), Arc::clone(&stop), Arc::clone(&hits));
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; HALF as usize];
+                let mut sgl = [DmaSg::default()];
+                let iova = IOVA + t * HALF;
+                while !stop.load(Ordering::Relaxed) {
+                    if dma.addr_to_sgl(iova, HALF, &mut sgl, PROT_RW) != Ok(1) {
+                        continue;
+                    }
+                    if let Ok(true) = dma.sg_read(&sgl[0], &mut buf, true) {
+                        let first = buf[0];
+                        assert_ne!(first, 0, "read a region that was never filled");
+                        assert!(buf.iter().all(|&b| b == first), "torn read");
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        if t == 1 {
+                            // Write back what was read: the next read of
+                            // this region still sees one byte throughout.
+                            if let Ok(true) = dma.sg_write(&sgl[0], &buf, true) {
+                                hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let start = Instant::now();
+        let mut round = 0u8;
+        while start.elapsed() < std::time::Duration::from_millis(400)
+            || hits.load(Ordering::Relaxed) < 200
+        {
+            round = round % 250 + 1;
+            let fd = memfd(LEN);
+            pwrite_file(&fd, 0, &vec![round; LEN as usize]);
+            dma.add_region(IOVA, LEN, Some(fd), 0, PROT_RW, false)
+                .unwrap();
+            std::thread::yield_now();
+            dma.remove_region(IOVA, LEN).unwrap();
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "readers made no progress"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn guest_slice_reads_writes_and_checks_bounds() {
+        let dma = DmaController::new(8);
+        let f1 = memfd(2 * PAGE);
+        let f2 = memfd(2 * PAGE);
+        dma.add_region(0x10000, 2 * PAGE, Some(dup(&f1)), 0, PROT_RW, false)
+            .unwrap();
+        // Adjacent region: a slice may span both.
+        dma.add_region(0x12000, 2 * PAGE, Some(dup(&f2)), 0, PROT_RW, false)
+            .unwrap();
+        pwrite_file(&f1, 0x1ffe, &[1, 2]);
+        pwrite_file(&f2, 0, &[3, 4]);
+        let got = dma
+            .with_guest(0x11ffe, 4, PROT_RW, |mem| {
+                assert_eq!(mem.len(), 4);
+                assert_eq!(mem.iova(), 0x11ffe);
+                assert!(mem.is_writable());
+                let mut b = [0u8; 4];
+                mem.read_at(0, &mut b).unwrap();
+                mem.write_at(1, &[9, 8]).unwrap();
+                // Out of bounds, or overflowing offsets.
+                assert_eq!(mem.read_at(3, &mut [0; 2]), Err(Errno::EFAULT));
+                assert_eq!(mem.write_at(5, &[]), Err(Errno::EFAULT));
+                assert_eq!(mem.read_at(usize::MAX, &mut [0; 2]), Err(Errno::EFAULT));
+                // An empty access at the very end is fine.
+                mem.read_at(4, &mut []).unwrap();
+                (b, mem.to_vec().unwrap())
+            })
+            .unwrap();
+        assert_eq!(got.0, [1, 2, 3, 4]);
+        assert_eq!(got.1, [1, 9, 8, 4]);
+        assert_eq!(pread_file(&f1, 0x1ffe, 2), [1, 9]);
+        assert_eq!(pread_file(&f2, 0, 2), [8, 4]);
+
+        // Read-only borrow: no writes; write-only borrow: no reads.
+        dma.with_guest(0x10000, 16, PROT_READ, |mem| {
+            assert!(!mem.is_writable());
+            assert_eq!(mem.write_at(0, &[1]), Err(Errno::EPERM));
+        })
+        .unwrap();
+        dma.with_guest(0x10000, 16, PROT_WRITE, |mem| {
+            assert_eq!(mem.read_at(0, &mut [0]), Err(Errno::EPERM));
+            assert_eq!(mem.to_vec(), Err(Errno::EPERM));
+        })
+        .unwrap();
+
+        // Holes, wrapping ranges, bad prot.
+        assert_eq!(
+            dma.with_guest(0x13000, 2 * PAGE as usize, PROT_READ, |_| ()),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            dma.with_guest(0xf000, 0x1001, PROT_READ, |_| ()),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            dma.with_guest(u64::MAX, 2, PROT_READ, |_| ()),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            dma.with_guest(0x10000, 1, libc::PROT_EXEC, |_| ()),
+            Err(Errno::EINVAL)
+        );
+        // An empty range needs no mapping.
+        assert_eq!(dma.with_guest(0, 0, PROT_RW, |m| m.is_empty()), Ok(true));
+    }
+
+    #[test]
+    fn guest_slice_refuses_unmapped_and_read_only_regions() {
+        let dma = DmaController::new(8);
+        // Message-only region and a file-I/O region: not in our memory.
+        dma.add_region(0x1000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        let fio = memfd(PAGE);
+        dma.add_region(0x4000, PAGE, Some(dup(&fio)), 0, PROT_RW, true)
+            .unwrap();
+        let ro = memfd(PAGE);
+        dma.add_region(0x8000, PAGE, Some(dup(&ro)), 0, libc::PROT_READ, false)
+            .unwrap();
+        assert_eq!(
+            dma.with_guest(0x1000, 4, PROT_READ, |_| ()),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            dma.with_guest(0x4000, 4, PROT_READ, |_| ()),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            dma.with_guest(0x8000, 4, PROT_RW, |_| ()),
+            Err(Errno::EACCES)
+        );
+        pwrite_file(&ro, 0, &[7]);
+        assert_eq!(
+            dma.with_guest(0x8000, 1, PROT_READ, |m| m.to_vec()),
+            Ok(Ok(vec![7]))
+        );
+
+        // read/write: file I/O works, messages do not, read-only refuses.
+        dma.write(0x4ffe, &[5, 6]).unwrap();
+        assert_eq!(pread_file(&fio, 0xffe, 2), [5, 6]);
+        let mut b = [0u8; 2];
+        dma.read(0x4ffe, &mut b).unwrap();
+        assert_eq!(b, [5, 6]);
+        assert_eq!(dma.read(0x1000, &mut b), Err(Errno::EFAULT));
+        assert_eq!(dma.write(0x8000, &b), Err(Errno::EACCES));
+        assert_eq!(dma.read(0x2000, &mut b), Err(Errno::ENOENT));
+        dma.read(0x8000, &mut b[..1]).unwrap();
+        assert_eq!(b[0], 7);
+        // Zero-length transfers succeed anywhere.
+        dma.read(0xdead_0000, &mut []).unwrap();
+    }
+
+    #[test]
+    fn read_write_span_regions_and_mark_dirty() {
+        let dma = DmaController::new(8);
+        let f1 = memfd(2 * PAGE);
+        let f2 = memfd(2 * PAGE);
+        dma.add_region(0, 2 * PAGE, Some(dup(&f1)), 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(2 * PAGE, 2 * PAGE, Some(dup(&f2)), 0, PROT_RW, true)
+            .unwrap();
+        dma.logging_start(PAGE, &[]).unwrap();
+        let data: Vec<u8> = (0..=255u8).cycle().take(PAGE as usize + 8).collect();
+        dma.write(PAGE + PAGE / 2, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dma.read(PAGE + PAGE / 2, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(pread_file(&f2, 0, 4), data[PAGE as usize / 2..][..4]);
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0b10);
+        assert_eq!(bits(&report(&dma, 2 * PAGE, 2 * PAGE, PAGE).unwrap()), 0b1);
+
+        // Writes through a guest slice are logged too, reads are not.
+        dma.with_guest(0, 2 * PAGE as usize, PROT_RW, |m| {
+            m.read_at(0, &mut [0; 8]).unwrap();
+            m.write_at(PAGE as usize + 1, &[1]).unwrap();
+        })
+        .unwrap();
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0b10);
+        assert_eq!(bits(&report(&dma, 0, 2 * PAGE, PAGE).unwrap()), 0);
+    }
+
+    #[test]
+    fn unmap_waits_for_guest_slice() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Barrier;
+        let dma = Arc::new(DmaController::new(4));
+        dma.add_region(0x1000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let inside = Arc::new(Barrier::new(2));
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (dma, inside, done) = (dma.clone(), inside.clone(), done.clone());
+            std::thread::spawn(move || {
+                dma.with_guest(0x1000, 16, PROT_RW, |m| {
+                    inside.wait();
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    m.write_at(0, &[1; 16]).unwrap();
+                    done.store(true, Ordering::SeqCst);
+                })
+                .unwrap();
+            })
+        };
+        inside.wait();
+        dma.remove_region(0x1000, PAGE).unwrap();
+        assert!(done.load(Ordering::SeqCst), "unmapped under a live slice");
+        t.join().unwrap();
+        assert_eq!(
+            dma.with_guest(0x1000, 16, PROT_RW, |_| ()),
+            Err(Errno::ENOENT)
+        );
+    }
+}

@@ -50,6 +50,9 @@
 //! * `dirty.rs`: dirty page logging and its bitmaps;
 //! * `guest.rs`: access to guest memory ([`GuestSlice`], `sg_read` /
 //!   `sg_write`, `read` / `write`, file I/O for regions that are not mapped).
+//!
+//! Each file carries the unit tests of its code; `test_util.rs` holds the
+//! helpers they share.
 
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -68,7 +71,7 @@ mod region;
 mod snap;
 mod table;
 #[cfg(test)]
-mod tests;
+mod test_util;
 mod tlb;
 mod translate;
 
@@ -239,3 +242,28 @@ pub const PROT_READ: i32 = libc::PROT_READ;
 pub const PROT_WRITE: i32 = libc::PROT_WRITE;
 /// `PROT_READ | PROT_WRITE`.
 pub const PROT_RW: i32 = PROT_READ | PROT_WRITE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_upstream() {
+        assert_eq!(std::mem::size_of::<DmaSg>(), 40);
+        assert_eq!(std::mem::offset_of!(DmaSg, dma_addr), 0);
+        assert_eq!(std::mem::offset_of!(DmaSg, region), 8);
+        assert_eq!(std::mem::offset_of!(DmaSg, length), 16);
+        assert_eq!(std::mem::offset_of!(DmaSg, offset), 24);
+        assert_eq!(std::mem::offset_of!(DmaSg, writeable), 32);
+        // The lookup hint lives in what upstream leaves as padding.
+        assert_eq!(std::mem::offset_of!(DmaSg, hint), 33);
+        assert_eq!(std::mem::size_of::<DmaInfo>(), 56);
+        assert_eq!(std::mem::offset_of!(DmaInfo, iova), 0);
+        assert_eq!(std::mem::offset_of!(DmaInfo, vaddr), 16);
+        assert_eq!(std::mem::offset_of!(DmaInfo, mapping), 24);
+        assert_eq!(std::mem::offset_of!(DmaInfo, page_size), 40);
+        assert_eq!(std::mem::offset_of!(DmaInfo, prot), 48);
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DmaController>();
+    }
+}

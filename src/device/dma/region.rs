@@ -239,3 +239,26 @@ pub(super) fn map_fd(
     let base = base as usize;
     Ok((Mapping { base, len: map_len }, base + delta as usize))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::dma::test_util::*;
+
+    const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    #[test]
+    fn unaligned_offset_mapping_covers_region() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        let keep = dup(&fd);
+        pwrite_file(&keep, 0x1800 + PAGE - 1, b"Z");
+        let info = dma
+            .add_region(0x0, PAGE, Some(fd), 0x1800, PROT_RW, false)
+            .unwrap();
+        assert_eq!(info.mapping.iov_len as u64, 2 * PAGE);
+        // SAFETY: the last byte of the region lies inside the mapping.
+        let last = unsafe { *(info.vaddr as *const u8).add(PAGE as usize - 1) };
+        assert_eq!(last, b'Z');
+    }
+}

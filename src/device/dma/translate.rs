@@ -354,3 +354,395 @@ pub(super) fn translate(
     }
     Err(SglError::Errno(Errno::ENOENT))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::dma::test_util::*;
+    use std::time::Instant;
+
+    const PROT_RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    #[test]
+    fn addr_to_sgl_across_adjacent_regions() {
+        let dma = DmaController::new(10);
+        let fd = memfd(4 * PAGE);
+        for i in 1..4u64 {
+            dma.add_region(
+                i * PAGE,
+                PAGE,
+                Some(dup(&fd)),
+                (i - 1) * PAGE,
+                PROT_RW,
+                false,
+            )
+            .unwrap();
+        }
+        let mut sgl = [DmaSg::default(); 3];
+        assert_eq!(
+            dma.addr_to_sgl(PAGE + 0x800, 2 * PAGE, &mut sgl, libc::PROT_READ),
+            Ok(3)
+        );
+        assert_eq!(sgl[0].dma_addr as u64, PAGE);
+        assert_eq!((sgl[0].offset, sgl[0].length), (0x800, 0x800));
+        assert_eq!(
+            (sgl[1].dma_addr as u64, sgl[1].offset, sgl[1].length),
+            (2 * PAGE, 0, PAGE)
+        );
+        assert_eq!(
+            (sgl[2].dma_addr as u64, sgl[2].offset, sgl[2].length),
+            (3 * PAGE, 0, 0x800)
+        );
+        assert!(!sgl[0].writeable);
+        assert!(sgl.iter().all(|s| s.region != 0 && s.region as u32 != 0));
+        assert_ne!(sgl[0].region, sgl[1].region);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 3];
+        dma.sgl_get(&sgl, &mut iov).unwrap();
+        assert_eq!(
+            iov.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+            vec![0x800, 0x1000, 0x800]
+        );
+        // Shorter iov array.
+        assert_eq!(dma.sgl_get(&sgl, &mut iov[..2]), Err(Errno::EINVAL));
+
+        // Holes and unmapped addresses.
+        let mut one = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0, 16, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(3 * PAGE, 2 * PAGE, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(PAGE, u64::MAX, &mut one, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        // Zero length.
+        assert_eq!(dma.addr_to_sgl(PAGE, 0, &mut one, 0), Ok(0));
+        // A hole between two regions.
+        dma.add_region(5 * PAGE, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        let mut three = [DmaSg::default(); 3];
+        assert_eq!(
+            dma.addr_to_sgl(3 * PAGE, 3 * PAGE, &mut three, 0),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        assert_eq!(dma.addr_to_sgl(5 * PAGE + 1, 16, &mut three, 0), Ok(1));
+    }
+
+    #[test]
+    fn addr_to_sgl_need_more() {
+        let dma = DmaController::new(10);
+        for i in 0..4u64 {
+            dma.add_region(i * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        let mut sgl = [DmaSg::default(); 2];
+        assert_eq!(
+            dma.addr_to_sgl(0, 4 * PAGE, &mut sgl, 0),
+            Err(SglError::NeedMore(4))
+        );
+        // The first entries were still filled.
+        assert_eq!((sgl[1].dma_addr as u64, sgl[1].length), (PAGE, PAGE));
+        assert_eq!(
+            dma.addr_to_sgl(0, 3 * PAGE, &mut [], 0),
+            Err(SglError::NeedMore(3))
+        );
+        assert_eq!(
+            dma.addr_to_sgl(0, PAGE, &mut [], 0),
+            Err(SglError::NeedMore(1))
+        );
+    }
+
+    #[test]
+    fn prot_violations() {
+        let dma = DmaController::new(10);
+        let fd = memfd(2 * PAGE);
+        dma.add_region(0, PAGE, Some(fd), 0, libc::PROT_READ, false)
+            .unwrap();
+        dma.add_region(PAGE, PAGE, None, 0, PROT_RW, false).unwrap();
+        let mut sgl = [DmaSg::default(); 2];
+        // Slow path, then fast path (hint now set).
+        for _ in 0..2 {
+            assert_eq!(
+                dma.addr_to_sgl(0, 16, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::EACCES))
+            );
+            assert_eq!(dma.addr_to_sgl(0, 16, &mut sgl, libc::PROT_READ), Ok(1));
+        }
+        assert_eq!(
+            dma.addr_to_sgl(0, 2 * PAGE, &mut sgl, libc::PROT_WRITE),
+            Err(SglError::Errno(Errno::EACCES))
+        );
+        // Reading is fine; writing through a read entry is EPERM.
+        let sg = sgl[0];
+        let mut buf = [0u8; 16];
+        assert_eq!(dma.sg_access(&sg, &mut buf, true, true), Err(Errno::EPERM));
+        assert_eq!(dma.sg_access(&sg, &mut buf, false, true), Ok(true));
+        // A forged writeable entry on a read-only region is refused.
+        let mut forged = sg;
+        forged.writeable = true;
+        assert_eq!(dma.sg_write(&forged, &buf, true), Err(Errno::EACCES));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+    }
+
+    #[test]
+    fn sgl_get_put_dirty() {
+        let dma = DmaController::new(10);
+        let fd = memfd(0x20 * PAGE);
+        dma.add_region(0x10 * PAGE, 0x20 * PAGE, Some(fd), 0, PROT_RW, false)
+            .unwrap();
+        dma.add_region(0x40 * PAGE, 0x10 * PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        assert!(!dma.logging_active());
+        // Put while not logging: nothing recorded.
+        let w = sg1(&dma, 0x10 * PAGE, PAGE, PROT_RW);
+        dma.sgl_put(&[w]);
+        dma.logging_start(PAGE, &[]).unwrap();
+        assert!(dma.logging_active());
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+
+        let s1 = sg1(&dma, 0x10 * PAGE, PAGE, PROT_RW);
+        let s2 = sg1(&dma, 0x11 * PAGE, PAGE, libc::PROT_READ);
+        let s3 = sg1(&dma, 0x12 * PAGE, PAGE, PROT_RW);
+        let s4 = sg1(&dma, 0x16 * PAGE, 4 * PAGE, PROT_RW);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        dma.sgl_get(&[s1, s2, s3, s4], &mut iov).unwrap();
+        // Write through the iovec.
+        // SAFETY: iov[3] is a writable mapping of 4 pages.
+        unsafe { std::ptr::write_bytes(iov[3].iov_base as *mut u8, 0xab, iov[3].iov_len) };
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+        dma.sgl_put(&[s1, s4]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0b11_1100_0001
+        );
+        // Reported bits were cleared.
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0
+        );
+        // Read-only entries do not dirty; mark_dirty does like put.
+        dma.sgl_put(&[s2]);
+        dma.sgl_mark_dirty(&[s3]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            0b100
+        );
+        // Bits past `len` but within the 64-bit word are reported, as upstream.
+        dma.sgl_put(&[sg1(&dma, 0x27 * PAGE, PAGE, PROT_RW)]);
+        assert_eq!(
+            bits(&report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap()),
+            1 << 23
+        );
+        // Message-only region: put is harmless, report is EINVAL.
+        dma.sgl_put(&[sg1(&dma, 0x40 * PAGE, PAGE, PROT_RW)]);
+        assert_eq!(
+            report(&dma, 0x40 * PAGE, 0x10 * PAGE, PAGE).unwrap_err(),
+            Errno::EINVAL
+        );
+        dma.logging_stop().unwrap();
+        assert!(!dma.logging_active());
+        assert_eq!(
+            report(&dma, 0x10 * PAGE, 0x10 * PAGE, PAGE).unwrap_err(),
+            Errno::EINVAL
+        );
+    }
+
+    #[test]
+    fn stale_and_forged_entries() {
+        let dma = DmaController::new(10);
+        dma.add_region(0x10000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let sg = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        dma.sgl_get(&[sg], &mut iov).unwrap();
+        assert!(dma.sg_is_mappable(&sg));
+
+        // Zeroed entry.
+        assert_eq!(
+            dma.sgl_get(&[DmaSg::default()], &mut iov),
+            Err(Errno::EINVAL)
+        );
+        // Wrong id, out-of-bounds length, overflowing offset.
+        let mut f = sg;
+        f.region += 1;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.length = PAGE + 1;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.offset = u64::MAX;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+        let mut f = sg;
+        f.dma_addr = 0x10001 as *mut c_void;
+        assert_eq!(dma.sgl_get(&[f], &mut iov), Err(Errno::EINVAL));
+
+        // Unmap, then map something new at the same address: the old entry
+        // stays dead.
+        dma.remove_region(0x10000, PAGE).unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        dma.add_region(0x10000, PAGE, Some(memfd(PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        assert!(!dma.sg_is_mappable(&sg));
+        let mut buf = vec![0u8; PAGE as usize];
+        assert_eq!(dma.sg_read(&sg, &mut buf, true), Err(Errno::EINVAL));
+        assert_eq!(dma.sg_write(&sg, &buf, true), Err(Errno::EINVAL));
+        dma.logging_start(PAGE, &[]).unwrap();
+        dma.sgl_put(&[sg]);
+        assert_eq!(bits(&report(&dma, 0x10000, PAGE, PAGE).unwrap()), 0);
+        // The thread's cached translation must not outlive the table change.
+        let fresh = sg1(&dma, 0x10000, PAGE, PROT_RW);
+        assert_ne!(fresh.region, sg.region);
+        dma.sgl_get(&[fresh], &mut iov).unwrap();
+    }
+
+    #[test]
+    fn small_table_copy_follows_every_change() {
+        // Up to snap::CAPACITY regions the lock-free copy answers; past
+        // it the other paths do. Every answer must match the table, across
+        // the switch both ways, and a wrong or stale slot hint must never
+        // resolve to another region.
+        let n = snap::CAPACITY + 2;
+        let dma = DmaController::new(n);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        let iova = |i: usize| 0x100_0000 + i as u64 * 4 * PAGE;
+        for i in 0..n {
+            dma.add_region(iova(i), 2 * PAGE, Some(memfd(2 * PAGE)), 0, PROT_RW, false)
+                .unwrap();
+            // Every region so far translates and maps; the gaps do not.
+            for j in 0..=i {
+                let sg = sg1(&dma, iova(j) + PAGE, PAGE, PROT_RW);
+                assert_eq!(sg.iova(), iova(j) + PAGE);
+                dma.sgl_get(&[sg], &mut iov).unwrap();
+                let mut wrong = sg;
+                wrong.hint = wrong.hint.wrapping_add(1);
+                dma.sgl_get(&[wrong], &mut iov).unwrap();
+                let mut out = [DmaSg::default()];
+                assert_eq!(
+                    dma.addr_to_sgl(iova(j) + 2 * PAGE, 1, &mut out, PROT_RW),
+                    Err(SglError::Errno(Errno::ENOENT))
+                );
+            }
+        }
+        // Remove from the front: the copy comes back below the capacity,
+        // and entries of removed regions stay dead whatever their hint.
+        for i in 0..n {
+            let sg = sg1(&dma, iova(i), PAGE, PROT_RW);
+            dma.remove_region(iova(i), 2 * PAGE).unwrap();
+            for hint in 0..=u8::MAX {
+                let mut stale = sg;
+                stale.hint = hint;
+                assert_eq!(dma.sgl_get(&[stale], &mut iov), Err(Errno::EINVAL));
+            }
+            if i + 1 < n {
+                let next = sg1(&dma, iova(i + 1), PAGE, PROT_RW);
+                dma.sgl_get(&[next], &mut iov).unwrap();
+            }
+        }
+        // Read-only regions refuse writable translations on every path.
+        dma.add_region(0x1000, PAGE, Some(memfd(PAGE)), 0, libc::PROT_READ, false)
+            .unwrap();
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x1000, PAGE, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::EACCES))
+        );
+        let ro = sg1(&dma, 0x1000, PAGE, libc::PROT_READ);
+        dma.sgl_get(&[ro], &mut iov).unwrap();
+        let mut forged = ro;
+        forged.writeable = true;
+        assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+    }
+
+    #[test]
+    fn small_table_copy_without_fds() {
+        // The lock-free copy's paths with message-only regions (no fds, so
+        // Miri runs it): translation through the copy, EFAULT from sgl_get
+        // for memory that is not mapped, EINVAL once the region is gone.
+        let dma = DmaController::new(8);
+        for i in 0..4u64 {
+            dma.add_region(i * 0x10000, 0x8000, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        for i in 0..4u64 {
+            let sg = sg1(&dma, i * 0x10000 + 0x100, 0x200, PROT_RW);
+            assert_eq!((sg.dma_addr as u64, sg.offset), (i * 0x10000, 0x100));
+            assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EFAULT));
+            // Crossing the region's end is not the fast path's to answer.
+            let mut out = [DmaSg::default(); 2];
+            assert_eq!(
+                dma.addr_to_sgl(i * 0x10000 + 0x7f00, 0x200, &mut out, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        let sg = sg1(&dma, 0x20000, 0x1000, PROT_RW);
+        dma.remove_region(0x20000, 0x8000).unwrap();
+        assert_eq!(dma.sgl_get(&[sg], &mut iov), Err(Errno::EINVAL));
+        let mut out = [DmaSg::default()];
+        assert_eq!(
+            dma.addr_to_sgl(0x20000, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+        dma.remove_all();
+        assert_eq!(
+            dma.addr_to_sgl(0, 0x1000, &mut out, PROT_RW),
+            Err(SglError::Errno(Errno::ENOENT))
+        );
+    }
+
+    #[test]
+    fn many_regions_lookup() {
+        let dma = DmaController::new(300_000);
+        let n = 200_000u64;
+        for i in 0..n {
+            dma.add_region(i * 2 * PAGE, PAGE, None, 0, PROT_RW, false)
+                .unwrap();
+        }
+        assert_eq!(dma.region_count(), n as usize);
+        let t = Instant::now();
+        let mut sgl = [DmaSg::default()];
+        for i in (0..n).step_by(7) {
+            assert_eq!(
+                dma.addr_to_sgl(i * 2 * PAGE + 8, 8, &mut sgl, PROT_RW),
+                Ok(1)
+            );
+            assert_eq!(sgl[0].dma_addr as u64, i * 2 * PAGE);
+            assert_eq!(
+                dma.addr_to_sgl(i * 2 * PAGE + PAGE, 8, &mut sgl, PROT_RW),
+                Err(SglError::Errno(Errno::ENOENT))
+            );
+        }
+        eprintln!("{} lookups in {:?}", 2 * n / 7, t.elapsed());
+        assert!(t.elapsed().as_secs() < 5);
+    }
+}
