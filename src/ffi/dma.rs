@@ -46,14 +46,51 @@ pub extern "C" fn vfu_addr_to_sgl(
             if dma.addr_to_sg_fast(dma_addr as u64, len as u64, first, prot) {
                 return 1;
             }
+            // The context is no longer needed (which frees a register on
+            // the fast path above).
+            return addr_to_sgl_dma(dma, dma_addr, len, sgl, max_nr_sgs, prot);
         }
     }
     addr_to_sgl_full(vfu_ctx, dma_addr, len, sgl, max_nr_sgs, prot)
 }
 
+/// [`vfu_addr_to_sgl`] past its fast path, for a context whose DMA
+/// controller is known (out of line).
+#[inline(never)]
+extern "C" fn addr_to_sgl_dma(
+    dma: &DmaController,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller provides room for max_nr_sgs >= 1 entries
+        // (checked non-NULL and non-zero by the caller).
+        let out = unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) };
+        sgl_result(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot))
+    })
+}
+
+/// The C return value of a translation, setting errno.
+fn sgl_result(r: std::result::Result<usize, SglError>) -> c_int {
+    match r {
+        Ok(n) => n as c_int,
+        Err(SglError::Errno(e)) => {
+            set_errno(e.0);
+            -1
+        }
+        Err(SglError::NeedMore(n)) => {
+            set_errno(0);
+            -(n.min(c_int::MAX as usize - 1) as c_int) - 1
+        }
+    }
+}
+
 /// [`vfu_addr_to_sgl`] past its fast path (out of line).
 #[inline(never)]
-fn addr_to_sgl_full(
+extern "C" fn addr_to_sgl_full(
     vfu_ctx: *mut vfu_ctx_t,
     dma_addr: vfu_dma_addr_t,
     len: size_t,
@@ -79,15 +116,7 @@ fn addr_to_sgl_full(
                 set_errno(e.0);
                 -1
             }
-            Ok(Ok(n)) => n as c_int,
-            Ok(Err(SglError::Errno(e))) => {
-                set_errno(e.0);
-                -1
-            }
-            Ok(Err(SglError::NeedMore(n))) => {
-                set_errno(0);
-                -(n.min(c_int::MAX as usize - 1) as c_int) - 1
-            }
+            Ok(r) => sgl_result(r),
         }
     })
 }
@@ -117,14 +146,29 @@ pub extern "C" fn vfu_sgl_get(
                 }
                 return 0;
             }
+            return sgl_get_one(dma, sg, iov);
         }
     }
     sgl_get_full(vfu_ctx, sgl, iov, cnt, flags)
 }
 
+/// [`vfu_sgl_get`] of one entry past its fast path, for a context whose DMA
+/// controller is known (out of line).
+#[inline(never)]
+extern "C" fn sgl_get_one(dma: &DmaController, sg: &DmaSg, iov: *mut iovec) -> c_int {
+    guard(|| {
+        // SAFETY: the caller provides one iovec (checked non-NULL).
+        let out = unsafe { &mut *iov };
+        ret(
+            dma.sgl_get(std::slice::from_ref(sg), std::slice::from_mut(out)),
+            |_| 0,
+        )
+    })
+}
+
 /// [`vfu_sgl_get`] past its fast path (out of line).
 #[inline(never)]
-fn sgl_get_full(
+extern "C" fn sgl_get_full(
     vfu_ctx: *mut vfu_ctx_t,
     sgl: *mut dma_sg_t,
     iov: *mut iovec,
@@ -185,7 +229,7 @@ pub extern "C" fn vfu_sgl_put(
 /// [`vfu_sgl_put`] past its fast path (out of line): marks written pages
 /// dirty while logging.
 #[inline(never)]
-fn sgl_put_full(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
+extern "C" fn sgl_put_full(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, cnt: size_t) {
     guard(|| {
         if let (Ok(c), Ok(s)) = (ctx(vfu_ctx), self::sgl(sgl, cnt)) {
             if let Some(d) = c.dma() {

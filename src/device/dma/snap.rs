@@ -8,12 +8,16 @@
 //! the fast paths need of each (first address, length, identifier, local
 //! address, protection), sorted by first address, behind a sequence lock:
 //!
+//! * One word, `state`, holds the number of entries (low 7 bits), a
+//!   "being rewritten" bit and a version above them, so that a reader learns
+//!   all three with one load and one compare ([`Snapshot::begin`]).
 //! * The writer (`publish`, called with the table's write lock held, after
-//!   every change to the table) makes the sequence odd, rewrites the
-//!   entries, and makes it even again.
-//! * A reader loads the sequence, searches the entries, and keeps its answer
-//!   only if the sequence was even and has not changed by the end. Else the
-//!   caller takes its locked path, which is always right.
+//!   every change to the table) sets the rewriting bit, rewrites the
+//!   entries, and stores the new count with the next version.
+//! * A reader loads the state, reads the fields it needs, and keeps its
+//!   answer only if the state has not changed by the end
+//!   ([`Snapshot::valid`]). Else the caller takes its locked path, which is
+//!   always right.
 //!
 //! Every field is an atomic read with `Relaxed` ordering (a plain load on
 //! the usual targets), so a reader racing the writer reads torn values but
@@ -23,18 +27,31 @@
 //!
 //! What a reader gets is exactly what its locked path would have answered
 //! at one instant between the reader's first and last load: the same
-//! guarantee a cached translation gives (see `dma.rs`). The local addresses
+//! guarantee a cached translation gives (see `tlb.rs`). The local addresses
 //! it hands out are never dereferenced here.
+//!
+//! The fast paths (`translate.rs`) load only the fields they need, in the
+//! order they need them, so that they fit in the registers a C call leaves
+//! free and save none: on SPDK's pattern every instruction here is paid on
+//! every I/O.
 
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 /// Most regions the copy holds; with more, it is marked absent.
 pub(crate) const CAPACITY: usize = 64;
-// The search in `View::last_at_or_before` takes the steps of 64 entries.
+// The search in `Snapshot::search` takes the steps of 64 entries, and the
+// count fits in `COUNT` below.
 const _: () = assert!(CAPACITY == 64);
 
-/// `count` when the copy is absent (too many regions).
-const ABSENT: usize = usize::MAX;
+/// Bits of `state` holding the number of entries.
+const COUNT: u64 = 0x7f;
+/// Bit of `state` set while the entries are rewritten.
+const WRITING: u64 = 0x80;
+/// One version step of `state` (the bits above the count and flag).
+const VERSION: u64 = 0x100;
+/// Count stored when the copy is absent (too many regions); above
+/// [`CAPACITY`], so readers treat it like a copy being rewritten.
+const ABSENT: u64 = COUNT;
 
 /// One region as the fast paths see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,21 +66,58 @@ pub(crate) struct Entry {
     pub slot: u8,
 }
 
-/// The rest of an entry beside its start (kept apart for the search).
-struct Slot {
-    len: AtomicU64,
-    id: AtomicUsize,
-    vaddr: AtomicUsize,
-    prot: AtomicU64,
+/// One entry of the copy; readers load its fields one by one.
+pub(crate) struct Slot {
+    pub start: AtomicU64,
+    pub len: AtomicU64,
+    pub id: AtomicUsize,
+    pub vaddr: AtomicUsize,
+    pub prot: AtomicU64,
+}
+
+impl Slot {
+    fn empty() -> Self {
+        Slot {
+            start: AtomicU64::new(u64::MAX),
+            len: AtomicU64::new(0),
+            id: AtomicUsize::new(0),
+            vaddr: AtomicUsize::new(0),
+            prot: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the slot is for region `id` starting at `start`.
+    #[inline(always)]
+    pub fn is(&self, start: u64, id: usize) -> bool {
+        self.start.load(Ordering::Relaxed) == start && self.id.load(Ordering::Relaxed) == id
+    }
+
+    /// Whether the slot's region is writable.
+    #[inline(always)]
+    pub fn writable(&self) -> bool {
+        self.prot.load(Ordering::Relaxed) & libc::PROT_WRITE as u64 != 0
+    }
+
+    #[inline(always)]
+    fn entry(&self, i: usize) -> Entry {
+        Entry {
+            start: self.start.load(Ordering::Relaxed),
+            len: self.len.load(Ordering::Relaxed),
+            id: self.id.load(Ordering::Relaxed),
+            vaddr: self.vaddr.load(Ordering::Relaxed),
+            prot: self.prot.load(Ordering::Relaxed) as i32,
+            // i < CAPACITY <= 256.
+            slot: i as u8,
+        }
+    }
 }
 
 /// The copy of a small region table; see the module documentation.
 pub(crate) struct Snapshot {
-    /// Even: the entries are consistent. Odd: being rewritten.
-    seq: AtomicU64,
-    /// Number of entries, or [`ABSENT`].
-    count: AtomicUsize,
-    /// First addresses, ascending; only the first `count` are meaningful.
+    /// Count, rewriting bit and version; see the module documentation.
+    state: AtomicU64,
+    /// First addresses, ascending, for the search; `u64::MAX` past the
+    /// entries, so that the search never steps onto them.
     starts: [AtomicU64; CAPACITY],
     slots: [Slot; CAPACITY],
 }
@@ -75,71 +129,12 @@ pub(crate) struct View<'a> {
 }
 
 impl View<'_> {
-    /// The entry at index `i` (`i < n`).
-    #[inline(always)]
-    fn entry(&self, i: usize) -> Entry {
-        let s = &self.snap.slots[i];
-        Entry {
-            start: self.snap.starts[i].load(Ordering::Relaxed),
-            len: s.len.load(Ordering::Relaxed),
-            id: s.id.load(Ordering::Relaxed),
-            vaddr: s.vaddr.load(Ordering::Relaxed),
-            prot: s.prot.load(Ordering::Relaxed) as i32,
-            // i < CAPACITY <= 256.
-            slot: i as u8,
-        }
-    }
-
-    /// Index of the last entry starting at or before `addr` (0 when none
-    /// does): a binary search in a fixed number of steps, without branches
-    /// on the data (random addresses would mispredict them). `n > 0`.
-    #[inline(always)]
-    fn last_at_or_before(&self, addr: u64) -> usize {
-        let n = self.n;
-        if n == 1 {
-            return 0;
-        }
-        // Straight-line steps, not a loop: in a loop the compiler turns the
-        // conditional moves back into branches.
-        let mut i = 0usize;
-        macro_rules! step {
-            ($s:expr) => {
-                let j = i + $s;
-                // `j % CAPACITY` only spares a bounds check: a `j` past the
-                // entries is refused by `j < n` anyway.
-                let start = self.snap.starts[j % CAPACITY].load(Ordering::Relaxed);
-                let take = j < n && start <= addr;
-                i += $s & usize::from(take).wrapping_neg();
-            };
-        }
-        // Steps no smaller than `n` could never be taken: skipped, on a
-        // branch that goes the same way for every lookup in a table.
-        if n > 32 {
-            step!(32);
-        }
-        if n > 16 {
-            step!(16);
-        }
-        if n > 8 {
-            step!(8);
-        }
-        if n > 4 {
-            step!(4);
-        }
-        if n > 2 {
-            step!(2);
-        }
-        step!(1);
-        i
-    }
-
-    /// The entry containing `addr`, if any.
-    #[inline(always)]
+    /// The entry containing `addr`, if any (the search the translation fast
+    /// path does, returning the whole entry; for the tests).
+    #[cfg(test)]
     pub fn containing(&self, addr: u64) -> Option<Entry> {
-        if self.n == 0 {
-            return None;
-        }
-        let e = self.entry(self.last_at_or_before(addr));
+        let i = self.snap.search(self.n, addr);
+        let e = self.snap.slot(i).entry(i);
         // `addr - start < len` also rejects an address below the first entry.
         (addr >= e.start && addr - e.start < e.len).then_some(e)
     }
@@ -151,16 +146,14 @@ impl View<'_> {
     pub fn named(&self, start: u64, id: usize, hint: u8) -> Option<Entry> {
         let hint = usize::from(hint);
         if hint < self.n {
-            let e = self.entry(hint % CAPACITY);
-            if e.start == start && e.id == id {
-                return Some(e);
+            let s = self.snap.slot(hint);
+            if s.is(start, id) {
+                return Some(s.entry(hint));
             }
         }
-        if self.n == 0 {
-            return None;
-        }
-        let e = self.entry(self.last_at_or_before(start));
-        (e.start == start && e.id == id).then_some(e)
+        let i = self.snap.search(self.n, start);
+        let e = self.snap.slot(i).entry(i);
+        (i < self.n && e.start == start && e.id == id).then_some(e)
     }
 }
 
@@ -168,15 +161,9 @@ impl Snapshot {
     /// An empty copy (no regions: consistent and present).
     pub fn new() -> Self {
         Snapshot {
-            seq: AtomicU64::new(0),
-            count: AtomicUsize::new(0),
-            starts: std::array::from_fn(|_| AtomicU64::new(0)),
-            slots: std::array::from_fn(|_| Slot {
-                len: AtomicU64::new(0),
-                id: AtomicUsize::new(0),
-                vaddr: AtomicUsize::new(0),
-                prot: AtomicU64::new(0),
-            }),
+            state: AtomicU64::new(0),
+            starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            slots: std::array::from_fn(|_| Slot::empty()),
         }
     }
 
@@ -185,66 +172,137 @@ impl Snapshot {
     /// (then `entries` is not consumed). The caller must exclude other
     /// writers (it holds the table's write lock).
     pub fn publish(&self, n: usize, entries: impl Iterator<Item = Entry>) {
-        let s = self.seq.load(Ordering::Relaxed);
-        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
-        // Readers that see any store below also see the odd sequence.
+        let s = self.state.load(Ordering::Relaxed);
+        self.state.store(s | WRITING, Ordering::Relaxed);
+        // Readers that see any store below also see the rewriting bit.
         fence(Ordering::Release);
-        if n > CAPACITY {
-            self.count.store(ABSENT, Ordering::Relaxed);
+        let count = if n > CAPACITY {
+            ABSENT
         } else {
             let mut written = 0;
             for (i, e) in entries.take(n).enumerate() {
                 self.starts[i].store(e.start, Ordering::Relaxed);
                 let slot = &self.slots[i];
+                slot.start.store(e.start, Ordering::Relaxed);
                 slot.len.store(e.len, Ordering::Relaxed);
                 slot.id.store(e.id, Ordering::Relaxed);
                 slot.vaddr.store(e.vaddr, Ordering::Relaxed);
                 slot.prot.store(e.prot as u32 as u64, Ordering::Relaxed);
                 written += 1;
             }
-            self.count.store(written, Ordering::Relaxed);
+            // Past the entries: never stepped onto, never matched.
+            for i in written..CAPACITY {
+                self.starts[i].store(u64::MAX, Ordering::Relaxed);
+                let slot = &self.slots[i];
+                slot.start.store(u64::MAX, Ordering::Relaxed);
+                slot.len.store(0, Ordering::Relaxed);
+                slot.id.store(0, Ordering::Relaxed);
+                slot.vaddr.store(0, Ordering::Relaxed);
+                slot.prot.store(0, Ordering::Relaxed);
+            }
+            written as u64
+        };
+        let version = (s & !(COUNT | WRITING)).wrapping_add(VERSION);
+        self.state.store(version | count, Ordering::Release);
+    }
+
+    /// Starts a read: the state to check with [`Self::valid`] at the end,
+    /// and the number of entries, which is at least 1. `None` when the copy
+    /// is empty, absent or being rewritten (the caller then takes its
+    /// locked path).
+    #[inline(always)]
+    pub fn begin(&self) -> Option<(u64, usize)> {
+        let s = self.state.load(Ordering::Acquire);
+        // One compare: a count of 0, the rewriting bit and the absent count
+        // all fall outside 1..=CAPACITY.
+        let n = (s & (COUNT | WRITING)) as usize;
+        (n.wrapping_sub(1) < CAPACITY).then_some((s, n))
+    }
+
+    /// Whether nothing changed since [`Self::begin`] returned `state`: then
+    /// every field read in between belongs to one consistent table.
+    #[inline(always)]
+    pub fn valid(&self, state: u64) -> bool {
+        // Orders the loads before it ahead of the check (seqlock reader).
+        fence(Ordering::Acquire);
+        self.state.load(Ordering::Relaxed) == state
+    }
+
+    /// Entry `i` (taken modulo [`CAPACITY`]: readers pass indexes below it).
+    #[inline(always)]
+    pub fn slot(&self, i: usize) -> &Slot {
+        &self.slots[i % CAPACITY]
+    }
+
+    /// Index of the last of the first `n` entries starting at or before
+    /// `addr` (0 when none does): a binary search in a fixed number of
+    /// steps, without branches on the data (random addresses would
+    /// mispredict them). `1 <= n <= CAPACITY`.
+    #[inline(always)]
+    pub fn search(&self, n: usize, addr: u64) -> usize {
+        // Straight-line steps, not a loop: in a loop the compiler turns the
+        // conditional moves back into branches. Past the entries every
+        // start is u64::MAX, so a step lands there only for an address of
+        // u64::MAX, whose entry then contains nothing.
+        let mut i = 0usize;
+        macro_rules! step {
+            ($s:expr) => {
+                let j = (i + $s) % CAPACITY;
+                if self.starts[j].load(Ordering::Relaxed) <= addr {
+                    i = j;
+                }
+            };
         }
-        self.seq.store(s.wrapping_add(2), Ordering::Release);
+        // Steps no smaller than `n` could never be taken: skipped, on
+        // branches that go the same way for every lookup in a table, nested
+        // so that a table of one entry costs one compare.
+        if n > 1 {
+            if n > 2 {
+                if n > 4 {
+                    if n > 8 {
+                        if n > 16 {
+                            if n > 32 {
+                                step!(32);
+                            }
+                            step!(16);
+                        }
+                        step!(8);
+                    }
+                    step!(4);
+                }
+                step!(2);
+            }
+            step!(1);
+        }
+        i
     }
 
     /// Runs `f` on a view of the entries and returns its answer if the view
-    /// was consistent throughout; `None` when the copy is absent or was being
-    /// rewritten (the caller then takes its locked path). `f` may run on
-    /// torn entries: it must only compute, and its answer is thrown away
-    /// unless the check afterwards passes.
+    /// was consistent throughout; `None` when the copy is absent, empty or
+    /// was being rewritten (the caller then takes its locked path). `f` may
+    /// run on torn entries: it must only compute, and its answer is thrown
+    /// away unless the check afterwards passes.
     #[inline(always)]
     pub fn read<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
-        let s = self.seq.load(Ordering::Acquire);
-        if s & 1 != 0 {
-            return None;
-        }
-        let n = self.count.load(Ordering::Relaxed);
-        if n > CAPACITY {
-            return None;
-        }
-        let r = f(&View { snap: self, n });
-        // Orders the loads above before the check below (seqlock reader).
-        fence(Ordering::Acquire);
-        (self.seq.load(Ordering::Relaxed) == s).then_some(r)
+        self.read_at(f).map(|(r, _)| r)
     }
-}
 
-impl Snapshot {
-    /// [`Self::read`], also returning the sequence the answer holds for,
-    /// for [`Self::unchanged`] to check later.
+    /// [`Self::read`], also returning the state the answer holds for, for
+    /// [`Self::unchanged`] to check later.
     #[inline(always)]
     pub fn read_at<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> Option<(R, u64)> {
-        let s = self.seq.load(Ordering::Acquire);
-        self.read(f).map(|r| (r, s))
+        let (s, n) = self.begin()?;
+        let r = f(&View { snap: self, n });
+        self.valid(s).then_some((r, s))
     }
 
-    /// Whether the copy is still as it was at sequence `seq` (from
+    /// Whether the copy is still as it was at state `seq` (from
     /// [`Self::read_at`]). Inside a read-side section (`rcu.rs`), a true
     /// answer means that no change published since `seq` (a removal) can
     /// complete its `synchronize` before the section ends.
     #[inline(always)]
     pub fn unchanged(&self, seq: u64) -> bool {
-        self.seq.load(Ordering::Relaxed) == seq
+        self.state.load(Ordering::Relaxed) == seq
     }
 }
 
@@ -272,7 +330,8 @@ mod tests {
     #[test]
     fn lookups_in_every_size() {
         let snap = Snapshot::new();
-        assert_eq!(snap.read(|v| v.containing(0)), Some(None));
+        // Empty: no answer, so that callers take their locked path.
+        assert_eq!(snap.read(|v| v.containing(0)), None);
         for n in [1usize, 2, 3, 4, 7, 63, 64] {
             let regions: Vec<Entry> = (0..n as u64)
                 .map(|i| Entry {
@@ -303,6 +362,45 @@ mod tests {
             assert_eq!(snap.read(|v| v.containing(0xfff)), Some(None));
             assert_eq!(snap.read(|v| v.containing(u64::MAX)), Some(None));
         }
+    }
+
+    #[test]
+    fn shrinking_clears_every_slot_past_the_entries() {
+        // The fast paths index slots by an unchecked hint: every slot past
+        // the entries must be empty (start u64::MAX, identifier 0, length
+        // 0, not mapped), whatever was there before.
+        let snap = Snapshot::new();
+        let big: Vec<Entry> = (0..CAPACITY as u64)
+            .map(|i| e(i * 0x10000, 0x8000, i as usize + 1))
+            .collect();
+        snap.publish(CAPACITY, big.iter().copied());
+        snap.publish(2, big.iter().copied());
+        let (state, n) = snap.begin().unwrap();
+        assert_eq!(n, 2);
+        for (i, b) in big.iter().enumerate() {
+            let slot = snap.slot(i);
+            if i < 2 {
+                assert!(slot.is(b.start, b.id));
+                continue;
+            }
+            assert!(!slot.is(b.start, b.id), "slot {i}");
+            assert_eq!(slot.start.load(Ordering::Relaxed), u64::MAX);
+            assert_eq!(slot.id.load(Ordering::Relaxed), 0);
+            assert_eq!(slot.len.load(Ordering::Relaxed), 0);
+            assert_eq!(slot.vaddr.load(Ordering::Relaxed), 0);
+            assert!(!slot.writable());
+        }
+        assert!(snap.valid(state));
+        // The search never leaves the entries, even for the largest address.
+        assert!(snap.search(n, u64::MAX - 1) < n);
+        // Each publish changes the state; absent and rewriting states are
+        // refused by `begin`.
+        snap.publish(2, big.iter().copied());
+        assert!(!snap.valid(state));
+        snap.publish(CAPACITY + 1, std::iter::empty());
+        assert_eq!(snap.begin(), None);
+        snap.publish(0, std::iter::empty());
+        assert_eq!(snap.begin(), None);
     }
 
     #[test]

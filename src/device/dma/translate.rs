@@ -99,38 +99,94 @@ impl DmaController {
     /// table, `snap.rs`), a non-empty range inside one region that
     /// allows `prot` is a search of a small sorted array, without lock or
     /// hashing. Fills `sg` and returns true; false when the full path
-    /// ([`Self::addr_to_sgl`]) must answer, errors included.
+    /// ([`Self::addr_to_sgl`]) must answer, errors included (`sg` may then
+    /// hold anything).
     ///
     /// Never panics (the C entry points run it outside their panic guard).
+    /// Fields are loaded one at a time, as they are needed, so that the
+    /// whole path fits in the registers a C call leaves free.
     #[inline(always)]
     pub fn addr_to_sg_fast(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
-        let end = iova.wrapping_add(len);
-        if len == 0 || end < iova {
+        // The last byte: below `iova` for an empty range and for one that
+        // wraps (for iova 0 and length 0 it is u64::MAX, which no region
+        // reaches, as a region's length fits in a u64).
+        let last = iova.wrapping_add(len).wrapping_sub(1);
+        if last < iova {
             return false;
         }
-        // `end - start` cannot wrap: the hit contains iova, so start <= iova < end.
-        let hit = self.snap.read(
-            #[inline(always)]
-            |v| v.containing(iova).filter(|e| end - e.start <= e.len),
-        );
-        match hit {
-            Some(Some(e)) if prot & libc::PROT_WRITE == 0 || e.prot & libc::PROT_WRITE != 0 => {
-                fill_sg_hinted(sg, e.start, e.id, iova, len, prot, e.slot);
-                true
-            }
-            _ => false,
+        let snap = &self.snap;
+        let Some((state, n)) = snap.begin() else {
+            return false;
+        };
+        let i = snap.search(n, iova);
+        let slot = snap.slot(i);
+        let start = slot.start.load(Ordering::Relaxed);
+        // `last - start` cannot wrap once start <= iova <= last. Past the
+        // entries a slot has length 0, so it never contains the range.
+        if iova < start || last - start >= slot.len.load(Ordering::Relaxed) {
+            return false;
         }
+        // Asking for write access to a region without it: one test.
+        let write = prot & libc::PROT_WRITE;
+        if write as u64 & !slot.prot.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let write = write != 0;
+        // Filled as the values arrive, which frees registers; on a failed
+        // check below the full path fills it again.
+        sg.dma_addr = start as usize as *mut c_void;
+        sg.offset = iova - start;
+        sg.length = len;
+        sg.writeable = write;
+        // i < CAPACITY <= 256.
+        sg.hint = i as u8;
+        sg.region = slot.id.load(Ordering::Relaxed);
+        snap.valid(state)
     }
 
     /// The fastest `sgl_get` of one entry: with few regions, the local
-    /// address of an entry that names a live mapped region, fits it and
-    /// asks for no access it forbids. `None` when the full path
-    /// ([`Self::sgl_get`]) must answer (it also gives the errno of a stale
-    /// or made-up entry).
+    /// address of an entry that names a live mapped region at the position
+    /// its hint gives (where [`Self::addr_to_sg_fast`] found it), fits it
+    /// and asks for no access it forbids. `None` when a longer path must
+    /// answer ([`Self::sg_addr_snap`], then [`Self::sgl_get`], which also
+    /// gives the errno of a stale or made-up entry).
     ///
     /// Never panics (the C entry points run it outside their panic guard).
     #[inline(always)]
     pub fn sg_addr_fast(&self, sg: &DmaSg) -> Option<*mut c_void> {
+        let snap = &self.snap;
+        let (state, n) = snap.begin()?;
+        // No check of the hint against `n`: every slot past the entries is
+        // cleared by `publish` (start u64::MAX, identifier 0, not mapped),
+        // and no live entry has identifier 0, so a wrong hint finds a slot
+        // whose identity check below fails, or one that is not mapped.
+        let _ = n;
+        let slot = snap.slot(usize::from(sg.hint));
+        if !slot.is(sg.dma_addr as usize as u64, sg.region) {
+            return None;
+        }
+        let vaddr = slot.vaddr.load(Ordering::Relaxed);
+        let len = slot.len.load(Ordering::Relaxed);
+        // offset + length <= len, without overflow.
+        if vaddr == 0 || sg.length > len || sg.offset > len - sg.length {
+            return None;
+        }
+        if sg.writeable && !slot.writable() {
+            return None;
+        }
+        if !snap.valid(state) {
+            return None;
+        }
+        // In bounds: offset + length <= the region's length, and the
+        // mapping covers the whole region.
+        Some(vaddr.wrapping_add(sg.offset as usize) as *mut c_void)
+    }
+
+    /// [`Self::sg_addr_fast`] for an entry whose hint is wrong (the table
+    /// changed since the translation, or another path made it): the entry's
+    /// region is searched for in the lock-free copy.
+    #[inline(never)]
+    pub(super) fn sg_addr_snap(&self, sg: &DmaSg) -> Option<*mut c_void> {
         if sg.region == 0 {
             return None;
         }
@@ -239,7 +295,7 @@ impl DmaController {
         // region, or refused) go the long way, for their errno.
         let mut known = 0;
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-            let Some(addr) = self.sg_addr_fast(sg) else {
+            let Some(addr) = self.sg_addr_fast(sg).or_else(|| self.sg_addr_snap(sg)) else {
                 break;
             };
             out.iov_base = addr;
@@ -678,6 +734,17 @@ mod tests {
         let mut forged = ro;
         forged.writeable = true;
         assert_eq!(dma.sgl_get(&[forged], &mut iov), Err(Errno::EACCES));
+        // Entries made up to match an empty slot (identifier 0, start
+        // u64::MAX) find nothing, at every hint.
+        for hint in 0..=u8::MAX {
+            let empty = DmaSg {
+                dma_addr: usize::MAX as *mut c_void,
+                hint,
+                ..DmaSg::default()
+            };
+            assert_eq!(dma.sg_addr_fast(&empty), None);
+            assert_eq!(dma.sgl_get(&[empty], &mut iov), Err(Errno::EINVAL));
+        }
     }
 
     #[test]
