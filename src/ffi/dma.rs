@@ -5,6 +5,11 @@
 
 use super::*;
 
+// The C caller's arrays, as slices. Each helper holds the one `unsafe`
+// conversion for its kind of argument; the entry points below only pass
+// what the C API documents for that argument.
+
+/// The `n` scatter/gather entries at `p` (from `vfu_addr_to_sgl`).
 fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
     if n == 0 {
         return Ok(&[]);
@@ -14,6 +19,31 @@ fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
     }
     // SAFETY: the caller passes an array of n entries from vfu_addr_to_sgl.
     Ok(unsafe { std::slice::from_raw_parts(p as *const DmaSg, n) })
+}
+
+/// Room for `n` scatter/gather entries at `p`, to be filled.
+fn sgl_mut<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a mut [DmaSg]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: the caller provides room for n entries (`max_nr_sgs`), each
+    // of dma_sg_size() bytes, which is the size of DmaSg.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut DmaSg, n) })
+}
+
+/// Room for `n` iovecs at `p`, to be filled.
+fn iovs_mut<'a>(p: *mut iovec, n: usize) -> Result<&'a mut [iovec]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: the caller provides an array of n iovecs.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
 }
 
 /// The DMA controller of a context for the per-I/O fast paths below, which
@@ -40,9 +70,7 @@ pub extern "C" fn vfu_addr_to_sgl(
     // SPDK's case, a range inside one of few regions: no guard needed, as
     // the fast path cannot panic.
     if max_nr_sgs > 0 && !sgl.is_null() {
-        if let Some(dma) = dma_fast(vfu_ctx) {
-            // SAFETY: the caller provides room for max_nr_sgs >= 1 entries.
-            let first = unsafe { &mut *(sgl as *mut DmaSg) };
+        if let (Some(dma), Ok([first, ..])) = (dma_fast(vfu_ctx), sgl_mut(sgl, 1)) {
             if dma.addr_to_sg_fast(dma_addr as u64, len as u64, first, prot) {
                 return 1;
             }
@@ -65,11 +93,12 @@ extern "C" fn addr_to_sgl_dma(
     max_nr_sgs: size_t,
     prot: c_int,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: the caller provides room for max_nr_sgs >= 1 entries
-        // (checked non-NULL and non-zero by the caller).
-        let out = unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) };
-        sgl_result(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot))
+    guard(|| match sgl_mut(sgl, max_nr_sgs) {
+        Ok(out) => sgl_result(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot)),
+        Err(e) => {
+            set_errno(e.0);
+            -1
+        }
     })
 }
 
@@ -99,16 +128,9 @@ extern "C" fn addr_to_sgl_full(
     prot: c_int,
 ) -> c_int {
     guard(|| {
-        let r = (|| {
+        let r = (|| -> Result<_> {
             let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
-            let out: &mut [DmaSg] = if max_nr_sgs == 0 {
-                &mut []
-            } else if sgl.is_null() {
-                return Err(Errno::EINVAL);
-            } else {
-                // SAFETY: the caller provides room for max_nr_sgs entries.
-                unsafe { std::slice::from_raw_parts_mut(sgl as *mut DmaSg, max_nr_sgs) }
-            };
+            let out = sgl_mut(sgl, max_nr_sgs)?;
             Ok(dma.addr_to_sgl(dma_addr as u64, len as u64, out, prot))
         })();
         match r {
@@ -133,20 +155,17 @@ pub extern "C" fn vfu_sgl_get(
     // SPDK's case, one entry of one of few regions, checked without a
     // guard (the fast path cannot panic).
     if cnt == 1 && !sgl.is_null() && !iov.is_null() {
-        if let Some(dma) = dma_fast(vfu_ctx) {
-            // SAFETY: the caller passes one entry from vfu_addr_to_sgl.
-            let sg = unsafe { &*(sgl as *const DmaSg) };
+        if let (Some(dma), Ok([sg]), Ok([out])) =
+            (dma_fast(vfu_ctx), self::sgl(sgl, 1), iovs_mut(iov, 1))
+        {
             if let Some(base) = dma.sg_addr_fast(sg) {
-                // SAFETY: the caller provides one iovec.
-                unsafe {
-                    *iov = iovec {
-                        iov_base: base,
-                        iov_len: sg.length as usize,
-                    };
-                }
+                *out = iovec {
+                    iov_base: base,
+                    iov_len: sg.length as usize,
+                };
                 return 0;
             }
-            return sgl_get_one(dma, sg, iov);
+            return sgl_get_one(dma, sg, out);
         }
     }
     sgl_get_full(vfu_ctx, sgl, iov, cnt, flags)
@@ -155,10 +174,8 @@ pub extern "C" fn vfu_sgl_get(
 /// [`vfu_sgl_get`] of one entry past its fast path, for a context whose DMA
 /// controller is known (out of line).
 #[inline(never)]
-extern "C" fn sgl_get_one(dma: &DmaController, sg: &DmaSg, iov: *mut iovec) -> c_int {
+extern "C" fn sgl_get_one(dma: &DmaController, sg: &DmaSg, out: &mut iovec) -> c_int {
     guard(|| {
-        // SAFETY: the caller provides one iovec (checked non-NULL).
-        let out = unsafe { &mut *iov };
         ret(
             dma.sgl_get(std::slice::from_ref(sg), std::slice::from_mut(out)),
             |_| 0,
@@ -181,16 +198,7 @@ extern "C" fn sgl_get_full(
             let _ = flags;
             let dma = ctx(vfu_ctx)?.dma().ok_or(Errno::EINVAL)?;
             let s = self::sgl(sgl, cnt)?;
-            if cnt > 0 && iov.is_null() {
-                return Err(Errno::EINVAL);
-            }
-            let out: &mut [iovec] = if cnt == 0 {
-                &mut []
-            } else {
-                // SAFETY: the caller provides cnt iovecs.
-                unsafe { std::slice::from_raw_parts_mut(iov, cnt) }
-            };
-            dma.sgl_get(s, out)
+            dma.sgl_get(s, iovs_mut(iov, cnt)?)
         })();
         ret(r, |_| 0)
     })

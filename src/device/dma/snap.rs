@@ -67,6 +67,7 @@ pub(crate) struct Entry {
 }
 
 /// One entry of the copy; readers load its fields one by one.
+#[repr(C)]
 pub(crate) struct Slot {
     pub start: AtomicU64,
     pub len: AtomicU64,
@@ -113,13 +114,18 @@ impl Slot {
 }
 
 /// The copy of a small region table; see the module documentation.
+///
+/// Laid out for the caches: the state and the first slot share the first
+/// cache line (a table of one region touches only that line), and the
+/// search array comes last, apart from both.
+#[repr(C, align(64))]
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
     state: AtomicU64,
+    slots: [Slot; CAPACITY],
     /// First addresses, ascending, for the search; `u64::MAX` past the
     /// entries, so that the search never steps onto them.
     starts: [AtomicU64; CAPACITY],
-    slots: [Slot; CAPACITY],
 }
 
 /// A consistent-until-checked view of the entries, handed to readers.
@@ -162,8 +168,8 @@ impl Snapshot {
     pub fn new() -> Self {
         Snapshot {
             state: AtomicU64::new(0),
-            starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             slots: std::array::from_fn(|_| Slot::empty()),
+            starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
         }
     }
 
