@@ -13,14 +13,12 @@ use crate::error::Errno;
 /// Sets the calling thread's errno.
 #[inline]
 pub fn set_errno(e: i32) {
-    // SAFETY: __errno_location always returns a valid thread-local pointer.
-    unsafe { *libc::__errno_location() = e };
+    nix::errno::Errno::set_raw(e);
 }
 
 /// Reads the calling thread's errno.
 pub fn errno() -> i32 {
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() }
+    nix::errno::Errno::last_raw()
 }
 
 /// What an entry point returns when it fails: -1, NULL, 0...
