@@ -268,21 +268,15 @@ pub fn handle_dma_unmap(
 mod tests {
     use super::*;
     use crate::device::dma::DmaSg;
+    use nix::sys::memfd::{memfd_create, MFdFlags};
     use std::cell::RefCell;
-    use std::os::fd::{AsRawFd, FromRawFd};
 
     const PAGE: u64 = 4096;
     const RW: u32 = DMA_REGION_READ | DMA_REGION_WRITE;
 
     fn memfd(size: u64) -> OwnedFd {
-        // SAFETY: the name is a valid C string.
-        let fd = unsafe { libc::memfd_create(c"dma-msg-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the fd is open.
-        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
-        assert_eq!(r, 0);
+        let fd = memfd_create(c"dma-msg-test", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&fd, size as libc::off_t).unwrap();
         fd
     }
 
@@ -506,11 +500,7 @@ mod tests {
             Err(Errno::EINVAL)
         );
         // mmap failure (fd not mappable: a pipe) fails the map.
-        let mut p = [0i32; 2];
-        // SAFETY: p is a valid 2-int array.
-        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
-        // SAFETY: fresh fds we own.
-        let (r, _w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let (r, _w) = nix::unistd::pipe().unwrap();
         dma.remove_region(0x4000, PAGE).unwrap();
         let mut fds = vec![r];
         assert!(handle_dma_map(&dma, &cbs, &map(0x8000, PAGE, RW), &mut fds).is_err());

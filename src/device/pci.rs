@@ -870,16 +870,18 @@ mod tests {
         let p = PciConfig::new(0, 0, 0).unwrap();
         p.set_id(0x1af4, 0x1000, 0x1234, 0x5678);
         p.set_class(0x02, 0x00, 0x01);
-        // SAFETY: test-only peek at the live buffer, no other access running.
-        let raw = unsafe { std::slice::from_raw_parts(p.as_ptr(), 64).to_vec() };
+        // The buffer itself, read without emulation.
+        let mut raw = [0u8; 64];
+        p.read_raw(0, &mut raw).unwrap();
         assert_eq!(&raw[0..4], &[0xf4, 0x1a, 0x00, 0x10]);
         assert_eq!(&raw[9..12], &[0x01, 0x00, 0x02]);
         assert_eq!(&raw[0x2c..0x30], &[0x34, 0x12, 0x78, 0x56]);
         // Reads through the emulation see the same, unaligned too.
         assert_eq!(read(&p, 1, 3).unwrap(), vec![0x1a, 0x00, 0x10]);
-        // C code writing the buffer directly is seen by the next access.
-        // SAFETY: in bounds, nothing else touches the buffer meanwhile.
-        unsafe { *p.as_ptr().add(0x3d) = 2 };
+        // A store straight into the buffer (what C code does through the
+        // pointer vfu_pci_get_config_space returns; `write_raw` stores
+        // through the same pointer) is seen by the next access.
+        p.write_raw(0x3d, &[2]).unwrap();
         assert_eq!(read(&p, 0x3d, 1).unwrap(), vec![2]);
     }
 

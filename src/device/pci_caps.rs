@@ -1087,20 +1087,17 @@ mod tests {
     #[test]
     fn callback_cap_routed_with_offsets() {
         let p = std_layout();
-        let ptr = p.as_ptr();
         let mut seen = Vec::new();
-        // Like upstream's Python callback: read/write config space directly.
+        // Like upstream's Python callback: read/write config space directly
+        // (the raw accessors, which bypass the emulation).
         let mut cb = |b: &mut [u8], off: u64, w: bool| -> Result<usize> {
             seen.push((off, b.len(), w));
             let off = off as usize;
             assert!(off + b.len() <= 256);
-            // SAFETY: bounds asserted above; nothing else holds the buffer.
-            unsafe {
-                if w {
-                    std::ptr::copy(b.as_ptr(), ptr.add(off), b.len());
-                } else {
-                    std::ptr::copy(ptr.add(off), b.as_mut_ptr(), b.len());
-                }
+            if w {
+                p.write_raw(off, b).unwrap();
+            } else {
+                p.read_raw(off, b).unwrap();
             }
             Ok(b.len())
         };

@@ -5,7 +5,13 @@
 //! inside the library becomes an error return with `errno = EIO` instead of
 //! unwinding into C. Handles are converted with the [`Castable`] trait, which
 //! ties each opaque C type to the Rust type it stands for.
+//!
+//! Pointer arguments from C are turned into references here, by [`c_ref`],
+//! [`c_str`] and [`c_slice`]: each holds the one `unsafe` block that takes
+//! the C API's pointer contract on trust, so the entry points need none of
+//! their own for it.
 
+use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::error::Errno;
@@ -13,14 +19,12 @@ use crate::error::Errno;
 /// Sets the calling thread's errno.
 #[inline]
 pub fn set_errno(e: i32) {
-    // SAFETY: __errno_location always returns a valid thread-local pointer.
-    unsafe { *libc::__errno_location() = e };
+    nix::errno::Errno::set_raw(e);
 }
 
 /// Reads the calling thread's errno.
 pub fn errno() -> i32 {
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() }
+    nix::errno::Errno::last_raw()
 }
 
 /// What an entry point returns when it fails: -1, NULL, 0...
@@ -95,14 +99,63 @@ pub trait Castable {
     type RustType;
 }
 
+// ---- pointers from C --------------------------------------------------------
+//
+// The C API's contract, which every caller of an entry point accepts (as with
+// any C library): a pointer argument is NULL or points at what the API
+// documents for it (a live handle this library gave out, a NUL-terminated
+// string, an array of the stated length), and that memory stays valid and is
+// not written by anyone else while the call runs. The helpers below rely on
+// it and must only be given pointers that come from a C caller, or from this
+// library's own handles. They are `pub(super)`: nothing outside `ffi` sees
+// them.
+
+/// Borrows the `T` a C caller passed by pointer; `None` for NULL. The
+/// reference must not outlive the entry point's call (or, for a handle,
+/// the object).
+pub(super) fn c_ref<'a, T>(p: *const T) -> Option<&'a T> {
+    // SAFETY: the C API's pointer contract above: NULL or a valid, live `T`
+    // that nothing writes during the call.
+    unsafe { p.as_ref() }
+}
+
+/// Borrows a NUL-terminated string a C caller passed; `None` for NULL.
+pub(super) fn c_str<'a>(p: *const c_char) -> Option<&'a CStr> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the C API's pointer contract above: a non-NULL string argument
+    // is NUL-terminated and valid during the call.
+    Some(unsafe { CStr::from_ptr(p) })
+}
+
+/// Borrows an array of `n` `T` a C caller passed; `None` for NULL.
+pub(super) fn c_slice<'a, T>(p: *const T, n: usize) -> Option<&'a [T]> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the C API's pointer contract above: a non-NULL array argument
+    // holds the `n` elements its length argument gives, valid during the
+    // call. (`n * size_of::<T>()` fits in `isize` because the array exists.)
+    Some(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
 /// Borrows the Rust object behind a C handle; `None` for NULL.
+///
+/// Under the C API's pointer contract above, `p` is NULL or a handle this
+/// library handed out (via [`into_handle`]) that has not been freed.
+pub(super) fn handle_ref<'a, C: Castable>(p: *const C) -> Option<&'a C::RustType> {
+    c_ref(p as *const C::RustType)
+}
+
+/// Borrows the Rust object behind a C handle; `None` for NULL. The same as
+/// [`handle_ref`], for callers that state the contract at the call site.
 ///
 /// # Safety
 /// `p` must be NULL or a handle this library handed out (via [`into_handle`])
 /// that has not been freed, and the object must not be mutably aliased.
 pub unsafe fn from_handle<'a, C: Castable>(p: *const C) -> Option<&'a C::RustType> {
-    // SAFETY: per the caller's contract p is NULL or points at a live RustType.
-    unsafe { (p as *const C::RustType).as_ref() }
+    handle_ref(p)
 }
 
 /// Gives ownership of a boxed object to C.

@@ -19,7 +19,7 @@ mod dma;
 mod pci;
 mod region_fds;
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::rc::Rc;
@@ -31,7 +31,13 @@ use crate::device::{
     self, Context, DmaInfo, DmaSg, IoEventFd, MigrationDevice, RegionSetup, ResetType,
 };
 use crate::error::{Errno, Result};
-use boundary::{as_handle, from_handle, guard, into_handle, ret, set_errno, take_handle, Castable};
+// `from_handle` is used by `dma.rs` (through `use super::*`).
+#[allow(unused_imports)]
+use boundary::from_handle;
+use boundary::{
+    as_handle, c_ref, c_slice, c_str, guard, handle_ref, into_handle, ret, set_errno, take_handle,
+    Castable,
+};
 
 /// Opaque context handle (`vfu_ctx_t`).
 pub struct vfu_ctx {
@@ -112,10 +118,11 @@ const _: () = {
     assert!(std::mem::size_of::<DmaSg>() == 40);
 };
 
+/// The context behind a handle from C: by the C API's contract one that
+/// vfu_create_ctx returned and vfu_destroy_ctx has not freed (see
+/// [`boundary::handle_ref`]). `EINVAL` for NULL.
 fn ctx<'a>(p: *mut vfu_ctx_t) -> Result<&'a Context> {
-    // SAFETY: the C API contract: a context pointer is one that
-    // vfu_create_ctx returned and vfu_destroy_ctx has not freed.
-    unsafe { from_handle(p) }.ok_or(Errno::EINVAL)
+    handle_ref(p).ok_or(Errno::EINVAL)
 }
 
 /// The errno a C callback left, or `fallback` when it left none.
@@ -126,10 +133,31 @@ fn cb_errno(fallback: i32) -> Errno {
     }
 }
 
+/// A device callback that takes an int argument and returns a status:
+/// `vfu_reset_cb_t` and the migration `transition`.
+type StatusCb = unsafe extern "C" fn(*mut vfu_ctx_t, c_int) -> c_int;
+
+/// Calls `f`, a [`StatusCb`] the device registered through the C API:
+/// `Ok` for a status >= 0, else the errno it left (`EINVAL` if none).
+fn call_status(f: StatusCb, c: &Context, arg: c_int) -> Result<()> {
+    set_errno(0);
+    // SAFETY: a callback registered through the C API, called as that API
+    // specifies: with the handle of its own context and a plain int.
+    match unsafe { f(as_handle(c), arg) } {
+        r if r < 0 => Err(cb_errno(libc::EINVAL)),
+        _ => Ok(()),
+    }
+}
+
+/// The callback's own (mutable) copy of a region's description.
 fn dma_info_ptr(info: &DmaInfo) -> vfu_dma_info {
-    // SAFETY: DmaInfo and vfu_dma_info have the same repr(C) layout (checked
-    // above); a bitwise copy gives the callback its own mutable copy.
-    unsafe { std::ptr::read(info as *const DmaInfo as *const vfu_dma_info) }
+    vfu_dma_info {
+        iova: info.iova,
+        vaddr: info.vaddr,
+        mapping: info.mapping,
+        page_size: info.page_size,
+        prot: info.prot,
+    }
 }
 
 // ---- context lifecycle ----------------------------------------------------
@@ -157,14 +185,12 @@ pub extern "C" fn vfu_create_ctx(
             set_errno(libc::ENOTSUP);
             return std::ptr::null_mut();
         }
-        if path.is_null() {
+        let Some(p) = c_str(path) else {
             set_errno(libc::EINVAL);
             return std::ptr::null_mut();
-        }
+        };
         // SAFETY: the shim only stores the two function pointers.
         unsafe { vfu_log_shim_init(vfu_rs_log_enabled, vfu_rs_log_message) };
-        // SAFETY: path is a NUL-terminated string per the API contract.
-        let p = unsafe { CStr::from_ptr(path) };
         let path = Path::new(std::ffi::OsStr::from_bytes(p.to_bytes()));
         ret(Context::new(path, flags, pvt), |c| {
             into_handle::<vfu_ctx>(Box::new(c))
@@ -243,13 +269,12 @@ extern "C" fn vfu_rs_log_enabled(vfu_ctx: *mut vfu_ctx_t, level: c_int) -> bool 
 /// Called by the C `vfu_log` shim with the formatted message.
 extern "C" fn vfu_rs_log_message(vfu_ctx: *mut vfu_ctx_t, level: c_int, msg: *const c_char) {
     guard(|| {
-        if msg.is_null() {
+        // The shim passes a NUL-terminated buffer (or NULL).
+        let Some(msg) = c_str(msg) else {
             return;
-        }
+        };
         if let Ok(c) = ctx(vfu_ctx) {
-            // SAFETY: the shim passes a NUL-terminated buffer.
-            let s = unsafe { CStr::from_ptr(msg) }.to_string_lossy();
-            c.log(level, &s);
+            c.log(level, &msg.to_string_lossy());
         }
     })
 }
@@ -274,17 +299,12 @@ pub extern "C" fn vfu_setup_region(
             if mmap_areas.is_null() != (nr_mmap_areas == 0) || region_idx < 0 {
                 return Err(Errno::EINVAL);
             }
-            let areas = if mmap_areas.is_null() {
-                None
-            } else {
-                // SAFETY: the caller passes nr_mmap_areas iovecs.
-                let s = unsafe { std::slice::from_raw_parts(mmap_areas, nr_mmap_areas as usize) };
-                Some(
-                    s.iter()
-                        .map(|v| (v.iov_base as u64, v.iov_len as u64))
-                        .collect(),
-                )
-            };
+            // The caller passes nr_mmap_areas iovecs.
+            let areas = c_slice(mmap_areas, nr_mmap_areas as usize).map(|s| {
+                s.iter()
+                    .map(|v| (v.iov_base as u64, v.iov_len as u64))
+                    .collect()
+            });
             let cb = region_access.map(|f| {
                 Rc::new(
                     move |c: &Context, buf: &mut [u8], off: u64, w: bool| -> Result<usize> {
@@ -331,14 +351,8 @@ pub extern "C" fn vfu_setup_device_reset_cb(
 ) -> c_int {
     guard(|| {
         let cb = reset.map(|f| {
-            Rc::new(move |c: &Context, t: ResetType| -> Result<()> {
-                set_errno(0);
-                // SAFETY: calling the device's callback with its own context.
-                match unsafe { f(as_handle(c), t as c_int) } {
-                    r if r < 0 => Err(cb_errno(libc::EINVAL)),
-                    _ => Ok(()),
-                }
-            }) as device::ResetCb
+            Rc::new(move |c: &Context, t: ResetType| call_status(f, c, t as c_int))
+                as device::ResetCb
         });
         ret(ctx(vfu_ctx).map(|c| c.setup_reset_cb(cb)), |_| 0)
     })
@@ -444,43 +458,46 @@ pub extern "C" fn vfu_setup_irq_state_callback(
 
 struct CMigration(vfu_migration_callbacks_t);
 
+/// The buffer of a migration data transfer, which also picks the callback.
+enum MigrationData<'a> {
+    /// For `read_data`, which fills it.
+    Read(&'a mut [u8]),
+    /// For `write_data`, which only reads it.
+    Write(&'a [u8]),
+}
+
+impl CMigration {
+    /// Calls `read_data` or `write_data` (after the buffer's kind): the
+    /// number of bytes it moved, or the errno it left (`EINVAL` if none).
+    fn data(&self, c: &Context, buf: MigrationData<'_>) -> Result<usize> {
+        let (f, p, len) = match buf {
+            MigrationData::Read(b) => (self.0.read_data, b.as_mut_ptr() as *mut c_void, b.len()),
+            MigrationData::Write(b) => (self.0.write_data, b.as_ptr() as *mut c_void, b.len()),
+        };
+        let f = f.ok_or(Errno::EINVAL)?;
+        set_errno(0);
+        // SAFETY: a callback registered through the C API, called as it
+        // specifies: `p` is valid for `len` bytes, borrowed exclusively when
+        // `read_data` writes it, only read by `write_data`.
+        let n = unsafe { f(as_handle(c), p, len as u64) };
+        if n < 0 {
+            Err(cb_errno(libc::EINVAL))
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 impl MigrationDevice for CMigration {
     fn transition(&self, c: &Context, state: u32) -> Result<()> {
         let f = self.0.transition.ok_or(Errno::EINVAL)?;
-        set_errno(0);
-        // SAFETY: calling the device's callback with its own context.
-        match unsafe { f(as_handle(c), state as c_int) } {
-            r if r < 0 => Err(cb_errno(libc::EINVAL)),
-            _ => Ok(()),
-        }
+        call_status(f, c, state as c_int)
     }
     fn read_data(&self, c: &Context, buf: &mut [u8]) -> Result<usize> {
-        let f = self.0.read_data.ok_or(Errno::EINVAL)?;
-        set_errno(0);
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe {
-            f(
-                as_handle(c),
-                buf.as_mut_ptr() as *mut c_void,
-                buf.len() as u64,
-            )
-        };
-        if n < 0 {
-            Err(cb_errno(libc::EINVAL))
-        } else {
-            Ok(n as usize)
-        }
+        self.data(c, MigrationData::Read(buf))
     }
     fn write_data(&self, c: &Context, buf: &[u8]) -> Result<usize> {
-        let f = self.0.write_data.ok_or(Errno::EINVAL)?;
-        set_errno(0);
-        // SAFETY: buf is valid for buf.len() bytes; the callback only reads it.
-        let n = unsafe { f(as_handle(c), buf.as_ptr() as *mut c_void, buf.len() as u64) };
-        if n < 0 {
-            Err(cb_errno(libc::EINVAL))
-        } else {
-            Ok(n as usize)
-        }
+        self.data(c, MigrationData::Write(buf))
     }
 }
 
@@ -491,8 +508,7 @@ pub extern "C" fn vfu_setup_device_migration_callbacks(
 ) -> c_int {
     guard(|| {
         let r = ctx(vfu_ctx).and_then(|c| {
-            // SAFETY: callbacks is NULL or points at a valid struct.
-            let cbs = unsafe { callbacks.as_ref() }.ok_or(Errno::EINVAL)?;
+            let cbs = c_ref(callbacks).ok_or(Errno::EINVAL)?;
             if cbs.version != device::migration::VFU_MIGR_CALLBACKS_VERS {
                 return Err(Errno::EINVAL);
             }

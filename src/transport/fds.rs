@@ -178,12 +178,10 @@ mod tests {
 
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn fds_are_passed_and_owned() {
+    /// A connected server and client, and the header of a `DMA_MAP`
+    /// request without a body, to send fds with.
+    fn pair_and_header() -> (Conn, Conn, Header) {
         let (a, b) = socketpair().unwrap();
-        let server = Conn::from_fd(a);
-        let client = Conn::from_fd(b);
-        let (x, _y) = socketpair().unwrap();
         let h = Header {
             msg_id: 1,
             cmd: cmd::DMA_MAP,
@@ -191,6 +189,13 @@ mod tests {
             flags: 0,
             error_no: 0,
         };
+        (Conn::from_fd(a), Conn::from_fd(b), h)
+    }
+
+    #[test]
+    fn fds_are_passed_and_owned() {
+        let (server, client, h) = pair_and_header();
+        let (x, _y) = socketpair().unwrap();
         client
             .send(&h, &[], &[x.as_raw_fd(), x.as_raw_fd()])
             .unwrap();
@@ -280,17 +285,8 @@ mod tests {
 
     #[test]
     fn control_buffer_is_zero_again_after_fds_arrive() {
-        let (a, b) = socketpair().unwrap();
-        let server = Conn::from_fd(a);
-        let client = Conn::from_fd(b);
+        let (server, client, h) = pair_and_header();
         let (x, _y) = socketpair().unwrap();
-        let h = Header {
-            msg_id: 1,
-            cmd: cmd::DMA_MAP,
-            msg_size: 16,
-            flags: 0,
-            error_no: 0,
-        };
         client.send(&h, &[], &[x.as_raw_fd()]).unwrap();
         let r = server.recv_header(false).unwrap();
         assert_eq!(r.fds.len(), 1);

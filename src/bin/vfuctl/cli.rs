@@ -420,9 +420,11 @@ pub fn parse_args(args: &[String], opts: &[Opt]) -> Result<Parsed, Failure> {
 
 /// The host page size.
 pub fn host_page_size() -> u64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(v).ok().filter(|&p| p > 0).unwrap_or(4096)
+    let v = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE);
+    u64::try_from(v.ok().flatten().unwrap_or(0))
+        .ok()
+        .filter(|&p| p > 0)
+        .unwrap_or(4096)
 }
 
 /// Connects to the server at `path` (`who` names it in messages: "source",

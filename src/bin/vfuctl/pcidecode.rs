@@ -533,6 +533,12 @@ fn pm(name: &str, on: bool) -> String {
     format!("{name}{}", if on { '+' } else { '-' })
 }
 
+/// [`pm`] for each `(name, mask)` of register value `v`, space-separated.
+fn bit_flags(v: u16, bits: &[(&str, u16)]) -> String {
+    let each: Vec<String> = bits.iter().map(|&(n, m)| pm(n, v & m != 0)).collect();
+    each.join(" ")
+}
+
 fn pin_name(pin: u8) -> String {
     match pin {
         0 => "none".into(),
@@ -682,6 +688,39 @@ mod tests {
             0x0102_0304_0506_0708u64
         );
         assert_eq!(j["bars"][1]["bits"], 64);
+    }
+
+    #[test]
+    fn flag_lines_render_every_bit() {
+        // Command, status, DevCtl and DevSta with bits both set and clear.
+        let mut c = sample();
+        w16(&mut c, 4, 0x0546);
+        w16(&mut c, 6, 0x0010 | 0x4a28);
+        w16(&mut c, 0x78, 0x2 | 0x8 | (1 << 5) | (2 << 12));
+        w16(&mut c, 0x7a, 0x21);
+        let text = decode(&c, &[0; 7]).unwrap().render_text("");
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| {
+                ["Control:", "Status:", "DevCtl:", "DevSta:"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "Control: I/O- Mem+ BusMaster+ SpecCycle- MemWINV- VGASnoop- ParErr+ \
+                 Stepping- SERR+ FastB2B- DisINTx+",
+                "Status: Cap+ 66MHz+ UDF- FastB2B- ParErr- DEVSEL=medium >TAbort+ <TAbort- \
+                 <MAbort- >SERR+ <PERR- INTx+",
+                "Status: D0 NoSoftRst- PME-Enable- DSel=0 DScale=0 PME-",
+                "DevCtl: CorrErr- NonFatalErr+ FatalErr- UnsupReq+ MaxPayload 256 bytes, \
+                 MaxReadReq 512 bytes",
+                "DevSta: CorrErr+ NonFatalErr- FatalErr- UnsupReq- AuxPwr- TransPend+",
+            ]
+        );
     }
 
     #[test]

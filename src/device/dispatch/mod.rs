@@ -599,8 +599,10 @@ pub(crate) fn destroy(ctx: &mut Context) {
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let p = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
     if p > 0 {
         p as u64
     } else {

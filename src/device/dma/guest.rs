@@ -481,9 +481,7 @@ mod tests {
         assert_eq!(dma.sg_access(&sg, &mut buf, true, true), Ok(false));
         // FILE_IO past the end of the file: EIO.
         let sg = sg1(&dma, 0x20000 + PAGE, PAGE, PROT_RW);
-        // SAFETY: the fd is open.
-        let r = unsafe { libc::ftruncate(keep_f.as_raw_fd(), PAGE as i64) };
-        assert_eq!(r, 0);
+        nix::unistd::ftruncate(&keep_f, PAGE as i64).unwrap();
         let mut big = vec![0u8; PAGE as usize];
         assert_eq!(dma.sg_read(&sg, &mut big, true), Err(Errno::EIO));
     }

@@ -322,6 +322,9 @@ fn heavy_barrier() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
     use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc;
     use std::time::Instant;
@@ -462,36 +465,33 @@ mod tests {
         entered_rx.recv().unwrap();
         // SAFETY: the child only calls synchronize (no allocation, no locks
         // other threads could hold: the fork handlers took care of the
-        // registry's) and _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            synchronize();
-            // SAFETY: ends the child without running the parent's exit code.
-            unsafe { libc::_exit(0) };
-        }
+        // registry's) and then _exit, which ends it without running the
+        // parent's exit code.
+        let pid = unsafe {
+            match fork().unwrap() {
+                ForkResult::Child => {
+                    synchronize();
+                    libc::_exit(0)
+                }
+                ForkResult::Parent { child } => child,
+            }
+        };
         let start = Instant::now();
-        let mut status = 0;
-        let done = loop {
-            // SAFETY: waits for our own child; status is a valid out pointer.
-            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if r == pid {
-                break true;
+        let (done, status) = loop {
+            let s = waitpid(pid, Some(WaitPidFlag::WNOHANG)).unwrap();
+            if s != WaitStatus::StillAlive {
+                break (true, s);
             }
             if start.elapsed() > Duration::from_secs(10) {
-                // SAFETY: our own child.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, &mut status, 0);
-                }
-                break false;
+                kill(pid, Signal::SIGKILL).unwrap();
+                break (false, waitpid(pid, None).unwrap());
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         release_tx.send(()).unwrap();
         reader.join().unwrap();
         assert!(done, "the child waited for a thread it does not have");
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(status, WaitStatus::Exited(pid, 0));
         // In the parent, the reader's slot is still registered until it exits.
     }
 

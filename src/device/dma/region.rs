@@ -29,11 +29,7 @@ impl FileIdentity {
 
     /// The identity of `fd`, whose `fstat` is `st`.
     pub(super) fn from_stat(fd: &OwnedFd, st: &libc::stat) -> Result<FileIdentity> {
-        // SAFETY: F_GETFL on an open fd takes no further arguments.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-        if flags == -1 {
-            return Err(Errno::last());
-        }
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
         Ok(FileIdentity {
             dev: st.st_dev,
             ino: st.st_ino,
@@ -43,13 +39,8 @@ impl FileIdentity {
 }
 
 pub(super) fn fstat(fd: &OwnedFd) -> Result<libc::stat> {
-    // SAFETY: `stat` is plain old data, so all-zero is a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is open (we own it) and `st` is a valid out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(Errno::EINVAL);
-    }
-    Ok(st)
+    // The client sees any fstat failure as EINVAL.
+    nix::sys::stat::fstat(fd).map_err(|_| Errno::EINVAL)
 }
 
 /// A private shared mapping of a region's fd; unmapped on drop.
@@ -144,8 +135,10 @@ impl Region {
 }
 
 pub(super) fn system_page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let v = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
     if v > 0 {
         v as usize
     } else {

@@ -2,17 +2,11 @@
 //! regions, file reads and writes, one-entry translation, dirty reports).
 
 use super::*;
-use std::os::fd::FromRawFd;
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 pub(super) fn memfd(size: u64) -> OwnedFd {
-    // SAFETY: the name is a valid C string.
-    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create failed");
-    // SAFETY: fd is a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: the fd is open.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
-    assert_eq!(r, 0);
+    let fd = memfd_create(c"dma-test", MFdFlags::MFD_CLOEXEC).expect("memfd_create failed");
+    nix::unistd::ftruncate(&fd, size as libc::off_t).unwrap();
     fd
 }
 
@@ -22,23 +16,12 @@ pub(super) fn dup(fd: &OwnedFd) -> OwnedFd {
 
 pub(super) fn pread_file(fd: &OwnedFd, off: u64, n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
-    // SAFETY: v has n bytes.
-    let r = unsafe { libc::pread(fd.as_raw_fd(), v.as_mut_ptr() as *mut c_void, n, off as i64) };
-    assert_eq!(r, n as isize);
+    assert_eq!(nix::sys::uio::pread(fd, &mut v, off as i64), Ok(n));
     v
 }
 
 pub(super) fn pwrite_file(fd: &OwnedFd, off: u64, data: &[u8]) {
-    // SAFETY: data is a valid buffer.
-    let r = unsafe {
-        libc::pwrite(
-            fd.as_raw_fd(),
-            data.as_ptr() as *const c_void,
-            data.len(),
-            off as i64,
-        )
-    };
-    assert_eq!(r, data.len() as isize);
+    assert_eq!(nix::sys::uio::pwrite(fd, data, off as i64), Ok(data.len()));
 }
 
 pub(super) fn sg1(dma: &DmaController, iova: u64, len: u64, prot: i32) -> DmaSg {

@@ -307,10 +307,11 @@ pub fn vfu_state(vfio_state: u32) -> Option<u32> {
 
 /// The host page size, the only migration page size a client may pick.
 fn host_page_size() -> usize {
-    // SAFETY: sysconf only reads a configuration value; it has no memory
-    // safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(v).ok().filter(|&p| p > 0).unwrap_or(4096)
+    let v = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE);
+    usize::try_from(v.ok().flatten().unwrap_or(0))
+        .ok()
+        .filter(|&p| p > 0)
+        .unwrap_or(4096)
 }
 
 /// Per-device migration state, present when the device registered migration

@@ -8,6 +8,46 @@ use super::*;
 
 // ---- text ----------------------------------------------------------------
 
+/// The command register's bits, in the order lspci shows them.
+const COMMAND_BITS: &[(&str, u16)] = &[
+    ("I/O", 0x1),
+    ("Mem", 0x2),
+    ("BusMaster", 0x4),
+    ("SpecCycle", 0x8),
+    ("MemWINV", 0x10),
+    ("VGASnoop", 0x20),
+    ("ParErr", 0x40),
+    ("Stepping", 0x80),
+    ("SERR", 0x100),
+    ("FastB2B", 0x200),
+    ("DisINTx", 0x400),
+];
+
+/// The status register's bits shown before DEVSEL, then after it.
+const STATUS_BITS_LOW: &[(&str, u16)] = &[
+    ("Cap", 0x10),
+    ("66MHz", 0x20),
+    ("UDF", 0x40),
+    ("FastB2B", 0x80),
+    ("ParErr", 0x100),
+];
+const STATUS_BITS_HIGH: &[(&str, u16)] = &[
+    (">TAbort", 0x800),
+    ("<TAbort", 0x1000),
+    ("<MAbort", 0x2000),
+    (">SERR", 0x4000),
+    ("<PERR", 0x8000),
+    ("INTx", 0x8),
+];
+
+/// The error bits DevCtl (reporting enables) and DevSta (detected) share.
+const EXPRESS_ERR_BITS: &[(&str, u16)] = &[
+    ("CorrErr", 1),
+    ("NonFatalErr", 2),
+    ("FatalErr", 4),
+    ("UnsupReq", 8),
+];
+
 impl Pci {
     /// The 24-bit class code.
     pub fn class_code(&self) -> u32 {
@@ -36,20 +76,9 @@ impl Pci {
             self.class_code(),
             self.prog_if
         ));
-        let c = self.command;
         line(format!(
-            "Control: {} {} {} {} {} {} {} {} {} {} {}",
-            pm("I/O", c & 0x1 != 0),
-            pm("Mem", c & 0x2 != 0),
-            pm("BusMaster", c & 0x4 != 0),
-            pm("SpecCycle", c & 0x8 != 0),
-            pm("MemWINV", c & 0x10 != 0),
-            pm("VGASnoop", c & 0x20 != 0),
-            pm("ParErr", c & 0x40 != 0),
-            pm("Stepping", c & 0x80 != 0),
-            pm("SERR", c & 0x100 != 0),
-            pm("FastB2B", c & 0x200 != 0),
-            pm("DisINTx", c & 0x400 != 0)
+            "Control: {}",
+            bit_flags(self.command, COMMAND_BITS)
         ));
         let s = self.status;
         let devsel = match (s >> 9) & 3 {
@@ -59,18 +88,9 @@ impl Pci {
             _ => "??",
         };
         line(format!(
-            "Status: {} {} {} {} {} DEVSEL={devsel} {} {} {} {} {} {}",
-            pm("Cap", s & 0x10 != 0),
-            pm("66MHz", s & 0x20 != 0),
-            pm("UDF", s & 0x40 != 0),
-            pm("FastB2B", s & 0x80 != 0),
-            pm("ParErr", s & 0x100 != 0),
-            pm(">TAbort", s & 0x800 != 0),
-            pm("<TAbort", s & 0x1000 != 0),
-            pm("<MAbort", s & 0x2000 != 0),
-            pm(">SERR", s & 0x4000 != 0),
-            pm("<PERR", s & 0x8000 != 0),
-            pm("INTx", s & 0x8 != 0)
+            "Status: {} DEVSEL={devsel} {}",
+            bit_flags(s, STATUS_BITS_LOW),
+            bit_flags(s, STATUS_BITS_HIGH)
         ));
         line(format!(
             "Header type {:02x} ({}{}), cache line {} bytes, latency {}, BIST {:02x}",
@@ -246,22 +266,15 @@ fn std_cap_text(cap: &Cap) -> Vec<String> {
                 pm("FLReset", devcap & (1 << 28) != 0)
             ),
             format!(
-                "DevCtl: {} {} {} {} MaxPayload {} bytes, MaxReadReq {} bytes",
-                pm("CorrErr", devctl & 1 != 0),
-                pm("NonFatalErr", devctl & 2 != 0),
-                pm("FatalErr", devctl & 4 != 0),
-                pm("UnsupReq", devctl & 8 != 0),
+                "DevCtl: {} MaxPayload {} bytes, MaxReadReq {} bytes",
+                bit_flags(*devctl, EXPRESS_ERR_BITS),
                 128u32 << ((devctl >> 5) & 7),
                 128u32 << ((devctl >> 12) & 7)
             ),
             format!(
-                "DevSta: {} {} {} {} {} {}",
-                pm("CorrErr", devsta & 1 != 0),
-                pm("NonFatalErr", devsta & 2 != 0),
-                pm("FatalErr", devsta & 4 != 0),
-                pm("UnsupReq", devsta & 8 != 0),
-                pm("AuxPwr", devsta & 0x10 != 0),
-                pm("TransPend", devsta & 0x20 != 0)
+                "DevSta: {} {}",
+                bit_flags(*devsta, EXPRESS_ERR_BITS),
+                bit_flags(*devsta, &[("AuxPwr", 0x10), ("TransPend", 0x20)])
             ),
             format!(
                 "LnkCap: Port #{}, Speed {}, Width x{}",
