@@ -7,7 +7,7 @@
 //! ties each opaque C type to the Rust type it stands for.
 //!
 //! Pointer arguments from C are turned into references here, by [`c_ref`],
-//! [`c_str`] and [`c_slice`]: each holds the one `unsafe` block that takes
+//! [`c_str`], [`c_slice`] and [`c_slice_mut`]: each holds the one `unsafe` block that takes
 //! the C API's pointer contract on trust, so the entry points need none of
 //! their own for it.
 
@@ -140,22 +140,24 @@ pub(super) fn c_slice<'a, T>(p: *const T, n: usize) -> Option<&'a [T]> {
     Some(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
+/// Borrows an array of room for `n` `T` a C caller passed, to be filled;
+/// `None` for NULL.
+pub(super) fn c_slice_mut<'a, T>(p: *mut T, n: usize) -> Option<&'a mut [T]> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the C API's pointer contract above: a non-NULL output array
+    // argument has room for the `n` elements its length argument gives,
+    // valid during the call, and nothing else reads or writes it meanwhile.
+    Some(unsafe { std::slice::from_raw_parts_mut(p, n) })
+}
+
 /// Borrows the Rust object behind a C handle; `None` for NULL.
 ///
 /// Under the C API's pointer contract above, `p` is NULL or a handle this
 /// library handed out (via [`into_handle`]) that has not been freed.
 pub(super) fn handle_ref<'a, C: Castable>(p: *const C) -> Option<&'a C::RustType> {
     c_ref(p as *const C::RustType)
-}
-
-/// Borrows the Rust object behind a C handle; `None` for NULL. The same as
-/// [`handle_ref`], for callers that state the contract at the call site.
-///
-/// # Safety
-/// `p` must be NULL or a handle this library handed out (via [`into_handle`])
-/// that has not been freed, and the object must not be mutably aliased.
-pub unsafe fn from_handle<'a, C: Castable>(p: *const C) -> Option<&'a C::RustType> {
-    handle_ref(p)
 }
 
 /// Gives ownership of a boxed object to C.

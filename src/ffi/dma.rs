@@ -5,20 +5,18 @@
 
 use super::*;
 
-// The C caller's arrays, as slices. Each helper holds the one `unsafe`
-// conversion for its kind of argument; the entry points below only pass
-// what the C API documents for that argument.
+// The C caller's arrays, as slices (through the helpers of `boundary.rs`,
+// which hold the `unsafe` conversions): NULL with a non-zero count is
+// EINVAL, and a zero count never looks at the pointer.
 
 /// The `n` scatter/gather entries at `p` (from `vfu_addr_to_sgl`).
 fn sgl<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a [DmaSg]> {
     if n == 0 {
         return Ok(&[]);
     }
-    if p.is_null() {
-        return Err(Errno::EINVAL);
-    }
-    // SAFETY: the caller passes an array of n entries from vfu_addr_to_sgl.
-    Ok(unsafe { std::slice::from_raw_parts(p as *const DmaSg, n) })
+    // dma_sg_t is opaque to C: its arrays are of dma_sg_size() bytes per
+    // entry, the size of DmaSg.
+    c_slice(p as *const DmaSg, n).ok_or(Errno::EINVAL)
 }
 
 /// Room for `n` scatter/gather entries at `p`, to be filled.
@@ -26,12 +24,7 @@ fn sgl_mut<'a>(p: *mut dma_sg_t, n: usize) -> Result<&'a mut [DmaSg]> {
     if n == 0 {
         return Ok(&mut []);
     }
-    if p.is_null() {
-        return Err(Errno::EINVAL);
-    }
-    // SAFETY: the caller provides room for n entries (`max_nr_sgs`), each
-    // of dma_sg_size() bytes, which is the size of DmaSg.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut DmaSg, n) })
+    c_slice_mut(p as *mut DmaSg, n).ok_or(Errno::EINVAL)
 }
 
 /// Room for `n` iovecs at `p`, to be filled.
@@ -39,11 +32,7 @@ fn iovs_mut<'a>(p: *mut iovec, n: usize) -> Result<&'a mut [iovec]> {
     if n == 0 {
         return Ok(&mut []);
     }
-    if p.is_null() {
-        return Err(Errno::EINVAL);
-    }
-    // SAFETY: the caller provides an array of n iovecs.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+    c_slice_mut(p, n).ok_or(Errno::EINVAL)
 }
 
 /// The DMA controller of a context for the per-I/O fast paths below, which
@@ -51,10 +40,7 @@ fn iovs_mut<'a>(p: *mut iovec, n: usize) -> Result<&'a mut [iovec]> {
 /// for NULL or a context without DMA (the full path gives the errno).
 #[inline(always)]
 fn dma_fast<'a>(vfu_ctx: *mut vfu_ctx_t) -> Option<&'a DmaController> {
-    // SAFETY: as in `ctx`: NULL or a live context from vfu_create_ctx.
-    unsafe { from_handle(vfu_ctx) }
-        .and_then(|c| c.dma())
-        .map(|d| &**d)
+    handle_ref(vfu_ctx).and_then(|c| c.dma()).map(|d| &**d)
 }
 
 /// Thread-safe: may be called from any thread.
@@ -269,11 +255,11 @@ fn sgl_rw(
             if len > 0 && data.is_null() {
                 return Err(Errno::EINVAL);
             }
+            // The caller provides a buffer of the entry's length.
             let buf: &mut [u8] = if len == 0 {
                 &mut []
             } else {
-                // SAFETY: the caller provides a buffer of the entry's length.
-                unsafe { std::slice::from_raw_parts_mut(data as *mut u8, len) }
+                c_slice_mut(data as *mut u8, len).ok_or(Errno::EINVAL)?
             };
             c.dma_transfer(s, buf, write, flags & 1 != 0)
         })();

@@ -31,12 +31,9 @@ use crate::device::{
     self, Context, DmaInfo, DmaSg, IoEventFd, MigrationDevice, RegionSetup, ResetType,
 };
 use crate::error::{Errno, Result};
-// `from_handle` is used by `dma.rs` (through `use super::*`).
-#[allow(unused_imports)]
-use boundary::from_handle;
 use boundary::{
-    as_handle, c_ref, c_slice, c_str, guard, handle_ref, into_handle, ret, set_errno, take_handle,
-    Castable,
+    as_handle, c_ref, c_slice, c_slice_mut, c_str, guard, handle_ref, into_handle, ret, set_errno,
+    take_handle, Castable,
 };
 
 /// Opaque context handle (`vfu_ctx_t`).
