@@ -69,7 +69,6 @@ pub(crate) struct Entry {
 /// One entry of the copy; readers load its fields one by one.
 #[repr(C)]
 pub(crate) struct Slot {
-    pub start: AtomicU64,
     pub len: AtomicU64,
     pub id: AtomicUsize,
     pub vaddr: AtomicUsize,
@@ -79,18 +78,11 @@ pub(crate) struct Slot {
 impl Slot {
     fn empty() -> Self {
         Slot {
-            start: AtomicU64::new(u64::MAX),
             len: AtomicU64::new(0),
             id: AtomicUsize::new(0),
             vaddr: AtomicUsize::new(0),
             prot: AtomicU64::new(0),
         }
-    }
-
-    /// Whether the slot is for region `id` starting at `start`.
-    #[inline(always)]
-    pub fn is(&self, start: u64, id: usize) -> bool {
-        self.start.load(Ordering::Relaxed) == start && self.id.load(Ordering::Relaxed) == id
     }
 
     /// Whether the slot's region is writable.
@@ -100,9 +92,9 @@ impl Slot {
     }
 
     #[inline(always)]
-    fn entry(&self, i: usize) -> Entry {
+    fn entry(&self, start: u64, i: usize) -> Entry {
         Entry {
-            start: self.start.load(Ordering::Relaxed),
+            start,
             len: self.len.load(Ordering::Relaxed),
             id: self.id.load(Ordering::Relaxed),
             vaddr: self.vaddr.load(Ordering::Relaxed),
@@ -116,8 +108,8 @@ impl Slot {
 /// The copy of a small region table; see the module documentation.
 ///
 /// Laid out for the caches: the state and the first slot share the first
-/// cache line (a table of one region touches only that line), and the
-/// search array comes last, apart from both.
+/// cache line, and the search array (which also holds each entry's start)
+/// comes last.
 #[repr(C, align(64))]
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
@@ -140,7 +132,7 @@ impl View<'_> {
     #[cfg(test)]
     pub fn containing(&self, addr: u64) -> Option<Entry> {
         let i = self.snap.search(self.n, addr);
-        let e = self.snap.slot(i).entry(i);
+        let e = self.snap.entry(i);
         // `addr - start < len` also rejects an address below the first entry.
         (addr >= e.start && addr - e.start < e.len).then_some(e)
     }
@@ -151,14 +143,11 @@ impl View<'_> {
     #[inline(always)]
     pub fn named(&self, start: u64, id: usize, hint: u8) -> Option<Entry> {
         let hint = usize::from(hint);
-        if hint < self.n {
-            let s = self.snap.slot(hint);
-            if s.is(start, id) {
-                return Some(s.entry(hint));
-            }
+        if hint < self.n && self.snap.is(hint, start, id) {
+            return Some(self.snap.entry(hint));
         }
         let i = self.snap.search(self.n, start);
-        let e = self.snap.slot(i).entry(i);
+        let e = self.snap.entry(i);
         (i < self.n && e.start == start && e.id == id).then_some(e)
     }
 }
@@ -189,7 +178,6 @@ impl Snapshot {
             for (i, e) in entries.take(n).enumerate() {
                 self.starts[i].store(e.start, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                slot.start.store(e.start, Ordering::Relaxed);
                 slot.len.store(e.len, Ordering::Relaxed);
                 slot.id.store(e.id, Ordering::Relaxed);
                 slot.vaddr.store(e.vaddr, Ordering::Relaxed);
@@ -200,7 +188,6 @@ impl Snapshot {
             for i in written..CAPACITY {
                 self.starts[i].store(u64::MAX, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                slot.start.store(u64::MAX, Ordering::Relaxed);
                 slot.len.store(0, Ordering::Relaxed);
                 slot.id.store(0, Ordering::Relaxed);
                 slot.vaddr.store(0, Ordering::Relaxed);
@@ -238,6 +225,26 @@ impl Snapshot {
     #[inline(always)]
     pub fn slot(&self, i: usize) -> &Slot {
         &self.slots[i % CAPACITY]
+    }
+
+    /// First address of entry `i` (modulo [`CAPACITY`]); `u64::MAX` past the
+    /// entries.
+    #[inline(always)]
+    pub fn start(&self, i: usize) -> u64 {
+        self.starts[i % CAPACITY].load(Ordering::Relaxed)
+    }
+
+    /// Whether entry `i` (modulo [`CAPACITY`]) is region `id` starting at
+    /// `start`.
+    #[inline(always)]
+    pub fn is(&self, i: usize, start: u64, id: usize) -> bool {
+        self.start(i) == start && self.slot(i).id.load(Ordering::Relaxed) == id
+    }
+
+    /// The whole of entry `i` (modulo [`CAPACITY`]).
+    #[inline(always)]
+    fn entry(&self, i: usize) -> Entry {
+        self.slot(i).entry(self.start(i), i)
     }
 
     /// Index of the last of the first `n` entries starting at or before
@@ -386,11 +393,11 @@ mod tests {
         for (i, b) in big.iter().enumerate() {
             let slot = snap.slot(i);
             if i < 2 {
-                assert!(slot.is(b.start, b.id));
+                assert!(snap.is(i, b.start, b.id));
                 continue;
             }
-            assert!(!slot.is(b.start, b.id), "slot {i}");
-            assert_eq!(slot.start.load(Ordering::Relaxed), u64::MAX);
+            assert!(!snap.is(i, b.start, b.id), "slot {i}");
+            assert_eq!(snap.start(i), u64::MAX);
             assert_eq!(slot.id.load(Ordering::Relaxed), 0);
             assert_eq!(slot.len.load(Ordering::Relaxed), 0);
             assert_eq!(slot.vaddr.load(Ordering::Relaxed), 0);

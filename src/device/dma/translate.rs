@@ -120,7 +120,7 @@ impl DmaController {
         };
         let i = snap.search(n, iova);
         let slot = snap.slot(i);
-        let start = slot.start.load(Ordering::Relaxed);
+        let start = snap.start(i);
         // `last - start` cannot wrap once start <= iova <= last. Past the
         // entries a slot has length 0, so it never contains the range.
         if iova < start || last - start >= slot.len.load(Ordering::Relaxed) {
@@ -161,10 +161,11 @@ impl DmaController {
         // and no live entry has identifier 0, so a wrong hint finds a slot
         // whose identity check below fails, or one that is not mapped.
         let _ = n;
-        let slot = snap.slot(usize::from(sg.hint));
-        if !slot.is(sg.dma_addr as usize as u64, sg.region) {
+        let i = usize::from(sg.hint);
+        if !snap.is(i, sg.dma_addr as usize as u64, sg.region) {
             return None;
         }
+        let slot = snap.slot(i);
         let vaddr = slot.vaddr.load(Ordering::Relaxed);
         let len = slot.len.load(Ordering::Relaxed);
         // offset + length <= len, without overflow.
