@@ -66,57 +66,39 @@ pub(crate) struct Entry {
     pub slot: u8,
 }
 
-/// Bits of a slot's `len_prot` holding the protection (`PROT_READ`,
-/// `PROT_WRITE`); the length is below them (at most `MAX_DMA_SIZE`, 2^43).
-const PROT_SHIFT: u32 = 62;
-const LEN_MASK: u64 = (1 << PROT_SHIFT) - 1;
-const _: () = assert!(super::MAX_DMA_SIZE <= LEN_MASK);
-const WRITABLE: u64 = (libc::PROT_WRITE as u64) << PROT_SHIFT;
-
-/// One entry of the copy, 32 bytes; readers load its fields one by one.
-/// The start is also here (besides the search array), so that checking an
-/// entry touches one cache line.
+/// One entry of the copy; readers load its fields one by one.
 #[repr(C)]
 pub(crate) struct Slot {
-    pub start: AtomicU64,
-    /// Length, with the protection in the top bits (see [`PROT_SHIFT`]).
-    len_prot: AtomicU64,
+    pub len: AtomicU64,
     pub id: AtomicUsize,
     pub vaddr: AtomicUsize,
+    pub prot: AtomicU64,
 }
 
 impl Slot {
     fn empty() -> Self {
         Slot {
-            start: AtomicU64::new(u64::MAX),
-            len_prot: AtomicU64::new(0),
+            len: AtomicU64::new(0),
             id: AtomicUsize::new(0),
             vaddr: AtomicUsize::new(0),
+            prot: AtomicU64::new(0),
         }
     }
 
-    /// The length and whether the region is writable, from one load.
+    /// Whether the slot's region is writable.
     #[inline(always)]
-    pub fn len_writable(&self) -> (u64, bool) {
-        let v = self.len_prot.load(Ordering::Relaxed);
-        (v & LEN_MASK, v & WRITABLE != 0)
-    }
-
-    /// Whether the slot is for region `id` starting at `start`.
-    #[inline(always)]
-    pub fn is(&self, start: u64, id: usize) -> bool {
-        self.start.load(Ordering::Relaxed) == start && self.id.load(Ordering::Relaxed) == id
+    pub fn writable(&self) -> bool {
+        self.prot.load(Ordering::Relaxed) & libc::PROT_WRITE as u64 != 0
     }
 
     #[inline(always)]
-    fn entry(&self, i: usize) -> Entry {
-        let len_prot = self.len_prot.load(Ordering::Relaxed);
+    fn entry(&self, start: u64, i: usize) -> Entry {
         Entry {
-            start: self.start.load(Ordering::Relaxed),
-            len: len_prot & LEN_MASK,
+            start,
+            len: self.len.load(Ordering::Relaxed),
             id: self.id.load(Ordering::Relaxed),
             vaddr: self.vaddr.load(Ordering::Relaxed),
-            prot: (len_prot >> PROT_SHIFT) as i32,
+            prot: self.prot.load(Ordering::Relaxed) as i32,
             // i < CAPACITY <= 256.
             slot: i as u8,
         }
@@ -126,8 +108,8 @@ impl Slot {
 /// The copy of a small region table; see the module documentation.
 ///
 /// Laid out for the caches: the state and the first slot share the first
-/// cache line, and the search array comes last. 64 slots of 32 bytes and
-/// 64 starts: about 2.5 KiB per DMA controller.
+/// cache line, and the search array (which also holds each entry's start)
+/// comes last.
 #[repr(C, align(64))]
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
@@ -161,7 +143,7 @@ impl View<'_> {
     #[inline(always)]
     pub fn named(&self, start: u64, id: usize, hint: u8) -> Option<Entry> {
         let hint = usize::from(hint);
-        if hint < self.n && self.snap.slot(hint).is(start, id) {
+        if hint < self.n && self.snap.is(hint, start, id) {
             return Some(self.snap.entry(hint));
         }
         let i = self.snap.search(self.n, start);
@@ -196,24 +178,20 @@ impl Snapshot {
             for (i, e) in entries.take(n).enumerate() {
                 self.starts[i].store(e.start, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                // Only the read and write bits have a place (and meaning
-                // for DMA); a length above LEN_MASK cannot be registered.
-                let prot = e.prot as u64 & (libc::PROT_READ | libc::PROT_WRITE) as u64;
-                slot.start.store(e.start, Ordering::Relaxed);
-                slot.len_prot
-                    .store((e.len & LEN_MASK) | prot << PROT_SHIFT, Ordering::Relaxed);
+                slot.len.store(e.len, Ordering::Relaxed);
                 slot.id.store(e.id, Ordering::Relaxed);
                 slot.vaddr.store(e.vaddr, Ordering::Relaxed);
+                slot.prot.store(e.prot as u32 as u64, Ordering::Relaxed);
                 written += 1;
             }
             // Past the entries: never stepped onto, never matched.
             for i in written..CAPACITY {
                 self.starts[i].store(u64::MAX, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                slot.start.store(u64::MAX, Ordering::Relaxed);
-                slot.len_prot.store(0, Ordering::Relaxed);
+                slot.len.store(0, Ordering::Relaxed);
                 slot.id.store(0, Ordering::Relaxed);
                 slot.vaddr.store(0, Ordering::Relaxed);
+                slot.prot.store(0, Ordering::Relaxed);
             }
             written as u64
         };
@@ -249,10 +227,24 @@ impl Snapshot {
         &self.slots[i % CAPACITY]
     }
 
+    /// First address of entry `i` (modulo [`CAPACITY`]); `u64::MAX` past the
+    /// entries.
+    #[inline(always)]
+    pub fn start(&self, i: usize) -> u64 {
+        self.starts[i % CAPACITY].load(Ordering::Relaxed)
+    }
+
+    /// Whether entry `i` (modulo [`CAPACITY`]) is region `id` starting at
+    /// `start`.
+    #[inline(always)]
+    pub fn is(&self, i: usize, start: u64, id: usize) -> bool {
+        self.start(i) == start && self.slot(i).id.load(Ordering::Relaxed) == id
+    }
+
     /// The whole of entry `i` (modulo [`CAPACITY`]).
     #[inline(always)]
     fn entry(&self, i: usize) -> Entry {
-        self.slot(i).entry(i)
+        self.slot(i).entry(self.start(i), i)
     }
 
     /// Index of the last of the first `n` entries starting at or before
@@ -401,15 +393,15 @@ mod tests {
         for (i, b) in big.iter().enumerate() {
             let slot = snap.slot(i);
             if i < 2 {
-                assert!(slot.is(b.start, b.id));
+                assert!(snap.is(i, b.start, b.id));
                 continue;
             }
-            assert!(!slot.is(b.start, b.id), "slot {i}");
-            assert_eq!(slot.start.load(Ordering::Relaxed), u64::MAX);
-            assert_eq!(snap.starts[i].load(Ordering::Relaxed), u64::MAX);
+            assert!(!snap.is(i, b.start, b.id), "slot {i}");
+            assert_eq!(snap.start(i), u64::MAX);
             assert_eq!(slot.id.load(Ordering::Relaxed), 0);
-            assert_eq!(slot.len_writable(), (0, false));
+            assert_eq!(slot.len.load(Ordering::Relaxed), 0);
             assert_eq!(slot.vaddr.load(Ordering::Relaxed), 0);
+            assert!(!slot.writable());
         }
         assert!(snap.valid(state));
         // The search never leaves the entries, even for the largest address.
@@ -422,32 +414,6 @@ mod tests {
         assert_eq!(snap.begin(), None);
         snap.publish(0, std::iter::empty());
         assert_eq!(snap.begin(), None);
-    }
-
-    #[test]
-    fn protection_and_length_share_a_word() {
-        // Every protection a DMA region can have, with the largest length
-        // one can have, comes back whole.
-        let snap = Snapshot::new();
-        let big = super::super::MAX_DMA_SIZE;
-        let regions: Vec<Entry> = [0, libc::PROT_READ, libc::PROT_WRITE, super::super::PROT_RW]
-            .iter()
-            .enumerate()
-            .map(|(i, &prot)| Entry {
-                prot,
-                slot: i as u8,
-                ..e(i as u64 * (big + 0x1000), big, i + 1)
-            })
-            .collect();
-        snap.publish(regions.len(), regions.iter().copied());
-        for r in &regions {
-            assert_eq!(
-                snap.read(|v| v.containing(r.start + big - 1)),
-                Some(Some(*r))
-            );
-            let slot = snap.slot(usize::from(r.slot));
-            assert_eq!(slot.len_writable(), (big, r.prot & libc::PROT_WRITE != 0));
-        }
     }
 
     #[test]

@@ -120,17 +120,18 @@ impl DmaController {
         };
         let i = snap.search(n, iova);
         let slot = snap.slot(i);
-        let start = slot.start.load(Ordering::Relaxed);
-        let (region_len, writable) = slot.len_writable();
+        let start = snap.start(i);
         // `last - start` cannot wrap once start <= iova <= last. Past the
         // entries a slot has length 0, so it never contains the range.
-        if iova < start || last - start >= region_len {
+        if iova < start || last - start >= slot.len.load(Ordering::Relaxed) {
             return false;
         }
-        let write = prot & libc::PROT_WRITE != 0;
-        if write && !writable {
+        // Asking for write access to a region without it: one test.
+        let write = prot & libc::PROT_WRITE;
+        if write as u64 & !slot.prot.load(Ordering::Relaxed) != 0 {
             return false;
         }
+        let write = write != 0;
         // Filled as the values arrive, which frees registers; on a failed
         // check below the full path fills it again.
         sg.dma_addr = start as usize as *mut c_void;
@@ -160,17 +161,18 @@ impl DmaController {
         // and no live entry has identifier 0, so a wrong hint finds a slot
         // whose identity check below fails, or one that is not mapped.
         let _ = n;
-        let slot = snap.slot(usize::from(sg.hint));
-        if !slot.is(sg.dma_addr as usize as u64, sg.region) {
+        let i = usize::from(sg.hint);
+        if !snap.is(i, sg.dma_addr as usize as u64, sg.region) {
             return None;
         }
+        let slot = snap.slot(i);
         let vaddr = slot.vaddr.load(Ordering::Relaxed);
-        let (len, writable) = slot.len_writable();
+        let len = slot.len.load(Ordering::Relaxed);
         // offset + length <= len, without overflow.
         if vaddr == 0 || sg.length > len || sg.offset > len - sg.length {
             return None;
         }
-        if sg.writeable && !writable {
+        if sg.writeable && !slot.writable() {
             return None;
         }
         if !snap.valid(state) {
