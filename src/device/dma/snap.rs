@@ -417,6 +417,33 @@ mod tests {
     }
 
     #[test]
+    fn every_protection_and_the_largest_length() {
+        // Every protection a DMA region can have, with the largest length
+        // one can have, comes back whole.
+        let snap = Snapshot::new();
+        let big = super::super::MAX_DMA_SIZE;
+        let regions: Vec<Entry> = [0, libc::PROT_READ, libc::PROT_WRITE, super::super::PROT_RW]
+            .iter()
+            .enumerate()
+            .map(|(i, &prot)| Entry {
+                prot,
+                slot: i as u8,
+                ..e(i as u64 * (big + 0x1000), big, i + 1)
+            })
+            .collect();
+        snap.publish(regions.len(), regions.iter().copied());
+        for r in &regions {
+            assert_eq!(
+                snap.read(|v| v.containing(r.start + big - 1)),
+                Some(Some(*r))
+            );
+            let slot = snap.slot(usize::from(r.slot));
+            assert_eq!(slot.len.load(Ordering::Relaxed), big);
+            assert_eq!(slot.writable(), r.prot & libc::PROT_WRITE != 0);
+        }
+    }
+
+    #[test]
     fn too_many_regions_make_it_absent() {
         let snap = Snapshot::new();
         snap.publish(
