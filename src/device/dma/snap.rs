@@ -69,9 +69,6 @@ pub(crate) struct Entry {
 /// One entry of the copy; readers load its fields one by one.
 #[repr(C)]
 pub(crate) struct Slot {
-    /// First address; `u64::MAX` past the entries, so that the search
-    /// never steps onto them.
-    pub start: AtomicU64,
     pub len: AtomicU64,
     pub id: AtomicUsize,
     pub vaddr: AtomicUsize,
@@ -81,7 +78,6 @@ pub(crate) struct Slot {
 impl Slot {
     fn empty() -> Self {
         Slot {
-            start: AtomicU64::new(u64::MAX),
             len: AtomicU64::new(0),
             id: AtomicUsize::new(0),
             vaddr: AtomicUsize::new(0),
@@ -112,16 +108,16 @@ impl Slot {
 /// The copy of a small region table; see the module documentation.
 ///
 /// Laid out for the caches: the state and the first slot share the first
-/// cache line, and each slot holds all its entry's fields (its start
-/// included), so that checking an entry touches one slot. The search
-/// reads the starts in the slots (40 bytes apart) rather than in an array
-/// of its own, which would cost 0.5 KiB more per controller.
+/// cache line, and the search array (which also holds each entry's start)
+/// comes last.
 #[repr(C, align(64))]
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
     state: AtomicU64,
-    /// The entries, ascending by start.
     slots: [Slot; CAPACITY],
+    /// First addresses, ascending, for the search; `u64::MAX` past the
+    /// entries, so that the search never steps onto them.
+    starts: [AtomicU64; CAPACITY],
 }
 
 /// A consistent-until-checked view of the entries, handed to readers.
@@ -162,6 +158,7 @@ impl Snapshot {
         Snapshot {
             state: AtomicU64::new(0),
             slots: std::array::from_fn(|_| Slot::empty()),
+            starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
         }
     }
 
@@ -179,8 +176,8 @@ impl Snapshot {
         } else {
             let mut written = 0;
             for (i, e) in entries.take(n).enumerate() {
+                self.starts[i].store(e.start, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                slot.start.store(e.start, Ordering::Relaxed);
                 slot.len.store(e.len, Ordering::Relaxed);
                 slot.id.store(e.id, Ordering::Relaxed);
                 slot.vaddr.store(e.vaddr, Ordering::Relaxed);
@@ -189,8 +186,8 @@ impl Snapshot {
             }
             // Past the entries: never stepped onto, never matched.
             for i in written..CAPACITY {
+                self.starts[i].store(u64::MAX, Ordering::Relaxed);
                 let slot = &self.slots[i];
-                slot.start.store(u64::MAX, Ordering::Relaxed);
                 slot.len.store(0, Ordering::Relaxed);
                 slot.id.store(0, Ordering::Relaxed);
                 slot.vaddr.store(0, Ordering::Relaxed);
@@ -234,7 +231,7 @@ impl Snapshot {
     /// entries.
     #[inline(always)]
     pub fn start(&self, i: usize) -> u64 {
-        self.slot(i).start.load(Ordering::Relaxed)
+        self.starts[i % CAPACITY].load(Ordering::Relaxed)
     }
 
     /// Whether entry `i` (modulo [`CAPACITY`]) is region `id` starting at
@@ -264,7 +261,7 @@ impl Snapshot {
         macro_rules! step {
             ($s:expr) => {
                 let j = (i + $s) % CAPACITY;
-                if self.slots[j].start.load(Ordering::Relaxed) <= addr {
+                if self.starts[j].load(Ordering::Relaxed) <= addr {
                     i = j;
                 }
             };
