@@ -162,6 +162,9 @@ pub struct Context {
     irq_maskable: Cell<[bool; irq::NUM_IRQ_TYPES]>,
     irqs: OnceLock<Arc<Irqs>>,
     dma: OnceLock<Arc<DmaController>>,
+    /// The DMA controller's lock-free state (an empty copy until DMA is set
+    /// up), for the per-I/O C entry points: one load from the handle.
+    dma_snap: Arc<dma::Snapshot>,
     pub(crate) dma_max_regions: Cell<usize>,
     pub(crate) migration: OnceCell<migration::Migration>,
     pub(crate) pending: RefCell<dispatch::Pending>,
@@ -237,6 +240,7 @@ impl Context {
             irq_maskable: Cell::new([false; irq::NUM_IRQ_TYPES]),
             irqs: OnceLock::new(),
             dma: OnceLock::new(),
+            dma_snap: Arc::default(),
             dma_max_regions: Cell::new(0),
             migration: OnceCell::new(),
             pending: RefCell::new(dispatch::Pending::None),
@@ -437,7 +441,10 @@ impl Context {
     ) -> Result<()> {
         if self
             .dma
-            .set(Arc::new(DmaController::new(max_regions)))
+            .set(Arc::new(DmaController::with_snapshot(
+                max_regions,
+                self.dma_snap.clone(),
+            )))
             .is_err()
         {
             return Err(Errno::EEXIST);
@@ -629,6 +636,12 @@ impl Context {
     /// The DMA controller, once DMA is set up. Usable from any thread.
     pub fn dma(&self) -> Option<&Arc<DmaController>> {
         self.dma.get()
+    }
+
+    /// The lock-free state of the DMA controller (`dma/fast.rs`): empty
+    /// until DMA is set up. Usable from any thread.
+    pub(crate) fn dma_snapshot(&self) -> &dma::Snapshot {
+        &self.dma_snap
     }
 
     /// Whether a client is attached.

@@ -26,7 +26,7 @@ use std::rc::Rc;
 
 use libc::{iovec, loff_t, size_t, ssize_t};
 
-use crate::device::dma::{DmaController, SglError};
+use crate::device::dma::{SglError, Snapshot};
 use crate::device::{
     self, Context, DmaInfo, DmaSg, IoEventFd, MigrationDevice, RegionSetup, ResetType,
 };

@@ -14,12 +14,12 @@ pub struct DmaController {
     pub(super) max_size: u64,
     /// Current generation of the region table (see [`NEXT_GENERATION`]).
     pub(super) generation: AtomicU64,
-    /// Copy of `Inner::dirty_page_size` readable without the lock, to make
-    /// `sgl_put` free when not logging.
-    pub(super) logging_page_size: AtomicU64,
     /// Lock-free copy of the table while it is small (`snap.rs`),
-    /// republished under the write lock after every change.
-    pub(super) snap: Snapshot,
+    /// republished under the write lock after every change, with a copy of
+    /// `Inner::dirty_page_size` readable without the lock (so that
+    /// `sgl_put` is free when not logging). Shared with the device context,
+    /// whose C entry points read it directly (`fast.rs`).
+    pub(super) snap: Arc<Snapshot>,
 }
 
 impl fmt::Debug for DmaController {
@@ -29,7 +29,7 @@ impl fmt::Debug for DmaController {
             .field("max_regions", &self.max_regions)
             .field(
                 "logging_page_size",
-                &self.logging_page_size.load(Ordering::Relaxed),
+                &self.snap.logging_page_size.load(Ordering::Relaxed),
             )
             .finish()
     }
@@ -39,6 +39,12 @@ impl DmaController {
     /// Creates an empty controller accepting at most `max_regions` regions of
     /// at most [`MAX_DMA_SIZE`] bytes each.
     pub fn new(max_regions: usize) -> Self {
+        Self::with_snapshot(max_regions, Arc::default())
+    }
+
+    /// [`Self::new`], publishing its table into `snap` (which must be new:
+    /// empty, with logging off).
+    pub(crate) fn with_snapshot(max_regions: usize, snap: Arc<Snapshot>) -> Self {
         DmaController {
             inner: RwLock::new(Inner {
                 regions: RegionTable::new(),
@@ -47,8 +53,7 @@ impl DmaController {
             max_regions,
             max_size: MAX_DMA_SIZE,
             generation: AtomicU64::new(new_generation()),
-            logging_page_size: AtomicU64::new(0),
-            snap: Snapshot::new(),
+            snap,
         }
     }
 

@@ -205,7 +205,7 @@ impl DmaController {
     /// Marks the pages of `[iova, iova + len)` dirty in every logged region
     /// the range touches (for writes the server performs by other means).
     pub fn mark_dirty_range(&self, iova: u64, len: u64) {
-        if len == 0 || self.logging_page_size.load(Ordering::Acquire) == 0 {
+        if len == 0 || self.snap.logging_page_size.load(Ordering::Acquire) == 0 {
             return;
         }
         let inner = self.table();
@@ -257,7 +257,9 @@ impl DmaController {
             }
         }
         inner.dirty_page_size = page_size;
-        self.logging_page_size.store(page_size, Ordering::Release);
+        self.snap
+            .logging_page_size
+            .store(page_size, Ordering::Release);
         drop(inner);
         // Lock-free writes that began before logging are over when this
         // returns; later ones see it on and take the path that marks pages.
@@ -275,18 +277,18 @@ impl DmaController {
             region.dirty = None;
         }
         inner.dirty_page_size = 0;
-        self.logging_page_size.store(0, Ordering::Release);
+        self.snap.logging_page_size.store(0, Ordering::Release);
         Ok(())
     }
 
     /// Whether dirty page logging is on.
     pub fn logging_active(&self) -> bool {
-        self.logging_page_size.load(Ordering::Acquire) != 0
+        self.snap.logging_page_size.load(Ordering::Acquire) != 0
     }
 
     /// The logging page size, when logging.
     pub fn logging_page_size(&self) -> Option<u64> {
-        match self.logging_page_size.load(Ordering::Acquire) {
+        match self.snap.logging_page_size.load(Ordering::Acquire) {
             0 => None,
             n => Some(n),
         }

@@ -42,7 +42,9 @@
 //!   (`mmap`) and the identity of that file, region identifiers and table
 //!   generations;
 //! * `translate.rs`: address translation into scatter/gather entries
-//!   (`addr_to_sgl`, the lock-free fast paths, `sgl_get` / `sgl_put`);
+//!   (`addr_to_sgl`, `sgl_get` / `sgl_put`);
+//! * `fast.rs`: the per-I/O fast paths over the lock-free copy, which the
+//!   C entry points call straight from the context;
 //! * `tlb.rs`: the per-thread translation cache;
 //! * `table.rs`: the ordered region table (with its page hash);
 //! * `snap.rs`: the lock-free copy of a small table;
@@ -65,6 +67,7 @@ use crate::error::{Errno, Result};
 
 mod controller;
 mod dirty;
+mod fast;
 mod guest;
 mod rcu;
 mod region;
@@ -81,7 +84,7 @@ pub use dirty::bitmap_size;
 use dirty::*;
 pub use guest::GuestSlice;
 use region::*;
-use snap::Snapshot;
+pub(crate) use snap::Snapshot;
 use table::{RegionTable, Span};
 use tlb::*;
 use translate::*;

@@ -114,6 +114,10 @@ impl Slot {
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
     state: AtomicU64,
+    /// The dirty logging page size, 0 when not logging: whether
+    /// `vfu_sgl_put` has work to do (set by `dirty.rs`, under the table's
+    /// write lock). Not part of the sequence lock.
+    pub logging_page_size: AtomicU64,
     slots: [Slot; CAPACITY],
     /// First addresses, ascending, for the search; `u64::MAX` past the
     /// entries, so that the search never steps onto them.
@@ -157,6 +161,7 @@ impl Snapshot {
     pub fn new() -> Self {
         Snapshot {
             state: AtomicU64::new(0),
+            logging_page_size: AtomicU64::new(0),
             slots: std::array::from_fn(|_| Slot::empty()),
             starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
         }
@@ -164,17 +169,15 @@ impl Snapshot {
 
     /// Replaces the copy with the `n` regions `entries` yields (in ascending
     /// order of start), or marks it absent when `n` exceeds [`CAPACITY`]
-    /// (then `entries` is not consumed). The caller must exclude other
-    /// writers (it holds the table's write lock).
+    /// (then `entries` is not consumed and every slot is cleared). The
+    /// caller must exclude other writers (it holds the table's write lock).
     pub fn publish(&self, n: usize, entries: impl Iterator<Item = Entry>) {
         let s = self.state.load(Ordering::Relaxed);
         self.state.store(s | WRITING, Ordering::Relaxed);
         // Readers that see any store below also see the rewriting bit.
         fence(Ordering::Release);
-        let count = if n > CAPACITY {
-            ABSENT
-        } else {
-            let mut written = 0;
+        let mut written = 0;
+        if n <= CAPACITY {
             for (i, e) in entries.take(n).enumerate() {
                 self.starts[i].store(e.start, Ordering::Relaxed);
                 let slot = &self.slots[i];
@@ -184,17 +187,18 @@ impl Snapshot {
                 slot.prot.store(e.prot as u32 as u64, Ordering::Relaxed);
                 written += 1;
             }
-            // Past the entries: never stepped onto, never matched.
-            for i in written..CAPACITY {
-                self.starts[i].store(u64::MAX, Ordering::Relaxed);
-                let slot = &self.slots[i];
-                slot.len.store(0, Ordering::Relaxed);
-                slot.id.store(0, Ordering::Relaxed);
-                slot.vaddr.store(0, Ordering::Relaxed);
-                slot.prot.store(0, Ordering::Relaxed);
-            }
-            written as u64
-        };
+        }
+        // Past the entries (all of them when the copy is absent): never
+        // stepped onto, never matched.
+        for i in written..CAPACITY {
+            self.starts[i].store(u64::MAX, Ordering::Relaxed);
+            let slot = &self.slots[i];
+            slot.len.store(0, Ordering::Relaxed);
+            slot.id.store(0, Ordering::Relaxed);
+            slot.vaddr.store(0, Ordering::Relaxed);
+            slot.prot.store(0, Ordering::Relaxed);
+        }
+        let count = if n > CAPACITY { ABSENT } else { written as u64 };
         let version = (s & !(COUNT | WRITING)).wrapping_add(VERSION);
         self.state.store(version | count, Ordering::Release);
     }
@@ -212,7 +216,18 @@ impl Snapshot {
         (n.wrapping_sub(1) < CAPACITY).then_some((s, n))
     }
 
-    /// Whether nothing changed since [`Self::begin`] returned `state`: then
+    /// Starts a read that needs no count (of a slot named by a hint): the
+    /// state to check with [`Self::valid`] at the end, `None` while the
+    /// copy is being rewritten. An empty or absent copy has every slot
+    /// cleared, so a hint finds nothing there.
+    #[inline(always)]
+    pub fn stable(&self) -> Option<u64> {
+        let s = self.state.load(Ordering::Acquire);
+        (s & WRITING == 0).then_some(s)
+    }
+
+    /// Whether nothing changed since [`Self::begin`] (or [`Self::stable`])
+    /// returned `state`: then
     /// every field read in between belongs to one consistent table.
     #[inline(always)]
     pub fn valid(&self, state: u64) -> bool {
@@ -451,6 +466,16 @@ mod tests {
             std::iter::from_fn(|| -> Option<Entry> { panic!("must not be consumed") }),
         );
         assert_eq!(snap.read(|v| v.containing(0)), None);
+        // Going absent clears every slot (hints index them unchecked), and
+        // the copy is then stable, not being rewritten.
+        snap.publish(3, (1..4).map(|i| e(i * 0x1000, 0x800, i as usize)));
+        snap.publish(CAPACITY + 1, std::iter::empty());
+        assert!(snap.stable().is_some());
+        for i in 0..CAPACITY {
+            assert!(!snap.is(i, (i as u64 + 1) * 0x1000, i + 1));
+            assert_eq!(snap.slot(i).vaddr.load(Ordering::Relaxed), 0);
+            assert_eq!(snap.slot(i).len.load(Ordering::Relaxed), 0);
+        }
         snap.publish(1, [e(0, 0x1000, 9)].into_iter());
         assert_eq!(
             snap.read(|v| v.containing(5)).flatten().map(|x| x.id),

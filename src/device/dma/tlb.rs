@@ -208,7 +208,7 @@ impl DmaController {
                     // before now is seen here, or waits for this section.
                     if !self.snap.unchanged(seq)
                         || (need & libc::PROT_WRITE != 0
-                            && self.logging_page_size.load(Ordering::Relaxed) != 0)
+                            && self.snap.logging_page_size.load(Ordering::Relaxed) != 0)
                     {
                         return None;
                     }
@@ -232,7 +232,7 @@ impl DmaController {
             // to end before it unmaps anything (`rcu::synchronize`).
             if self.generation.load(Ordering::Relaxed) != generation
                 || (need & libc::PROT_WRITE != 0
-                    && self.logging_page_size.load(Ordering::Relaxed) != 0)
+                    && self.snap.logging_page_size.load(Ordering::Relaxed) != 0)
             {
                 return None;
             }

@@ -88,130 +88,11 @@ impl DmaController {
         prot: i32,
     ) -> std::result::Result<usize, SglError> {
         if let Some(first) = sgl.first_mut() {
-            if self.addr_to_sg_fast(iova, len, first, prot) {
+            if self.snap.translate(iova, len, first, prot) {
                 return Ok(1);
             }
         }
         self.addr_to_sgl_cached(iova, len, sgl, prot)
-    }
-
-    /// The fastest translation: with few regions (the lock-free copy of the
-    /// table, `snap.rs`), a non-empty range inside one region that
-    /// allows `prot` is a search of a small sorted array, without lock or
-    /// hashing. Fills `sg` and returns true; false when the full path
-    /// ([`Self::addr_to_sgl`]) must answer, errors included (`sg` may then
-    /// hold anything).
-    ///
-    /// Never panics (the C entry points run it outside their panic guard).
-    /// Fields are loaded one at a time, as they are needed, so that the
-    /// whole path fits in the registers a C call leaves free.
-    #[inline(always)]
-    pub fn addr_to_sg_fast(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
-        // The last byte: below `iova` for an empty range and for one that
-        // wraps (for iova 0 and length 0 it is u64::MAX, which no region
-        // reaches, as a region's length fits in a u64).
-        let last = iova.wrapping_add(len).wrapping_sub(1);
-        if last < iova {
-            return false;
-        }
-        let snap = &self.snap;
-        let Some((state, n)) = snap.begin() else {
-            return false;
-        };
-        let i = snap.search(n, iova);
-        let slot = snap.slot(i);
-        let start = snap.start(i);
-        // `last - start` cannot wrap once start <= iova <= last. Past the
-        // entries a slot has length 0, so it never contains the range.
-        if iova < start || last - start >= slot.len.load(Ordering::Relaxed) {
-            return false;
-        }
-        // Asking for write access to a region without it: one test.
-        let write = prot & libc::PROT_WRITE;
-        if write as u64 & !slot.prot.load(Ordering::Relaxed) != 0 {
-            return false;
-        }
-        let write = write != 0;
-        // Filled as the values arrive, which frees registers; on a failed
-        // check below the full path fills it again.
-        sg.dma_addr = start as usize as *mut c_void;
-        sg.offset = iova - start;
-        sg.length = len;
-        sg.writeable = write;
-        // i < CAPACITY <= 256.
-        sg.hint = i as u8;
-        sg.region = slot.id.load(Ordering::Relaxed);
-        snap.valid(state)
-    }
-
-    /// The fastest `sgl_get` of one entry: with few regions, the local
-    /// address of an entry that names a live mapped region at the position
-    /// its hint gives (where [`Self::addr_to_sg_fast`] found it), fits it
-    /// and asks for no access it forbids. `None` when a longer path must
-    /// answer ([`Self::sg_addr_snap`], then [`Self::sgl_get`], which also
-    /// gives the errno of a stale or made-up entry).
-    ///
-    /// Never panics (the C entry points run it outside their panic guard).
-    #[inline(always)]
-    pub fn sg_addr_fast(&self, sg: &DmaSg) -> Option<*mut c_void> {
-        let snap = &self.snap;
-        let (state, n) = snap.begin()?;
-        // No check of the hint against `n`: every slot past the entries is
-        // cleared by `publish` (start u64::MAX, identifier 0, not mapped),
-        // and no live entry has identifier 0, so a wrong hint finds a slot
-        // whose identity check below fails, or one that is not mapped.
-        let _ = n;
-        let i = usize::from(sg.hint);
-        if !snap.is(i, sg.dma_addr as usize as u64, sg.region) {
-            return None;
-        }
-        let slot = snap.slot(i);
-        let vaddr = slot.vaddr.load(Ordering::Relaxed);
-        let len = slot.len.load(Ordering::Relaxed);
-        // offset + length <= len, without overflow.
-        if vaddr == 0 || sg.length > len || sg.offset > len - sg.length {
-            return None;
-        }
-        if sg.writeable && !slot.writable() {
-            return None;
-        }
-        if !snap.valid(state) {
-            return None;
-        }
-        // In bounds: offset + length <= the region's length, and the
-        // mapping covers the whole region.
-        Some(vaddr.wrapping_add(sg.offset as usize) as *mut c_void)
-    }
-
-    /// [`Self::sg_addr_fast`] for an entry whose hint is wrong (the table
-    /// changed since the translation, or another path made it): the entry's
-    /// region is searched for in the lock-free copy.
-    #[inline(never)]
-    pub(super) fn sg_addr_snap(&self, sg: &DmaSg) -> Option<*mut c_void> {
-        if sg.region == 0 {
-            return None;
-        }
-        #[inline(always)]
-        fn local(v: &snap::View<'_>, sg: &DmaSg) -> Option<usize> {
-            let e = v.named(sg.dma_addr as usize as u64, sg.region, sg.hint)?;
-            if e.vaddr == 0 || check_range(e.len, e.prot, sg).is_err() {
-                return None;
-            }
-            // In bounds: offset + length <= the region's length, and the
-            // mapping covers the whole region.
-            Some(e.vaddr.wrapping_add(sg.offset as usize))
-        }
-        let addr = self.snap.read(
-            #[inline(always)]
-            |v| local(v, sg),
-        )??;
-        Some(addr as *mut c_void)
-    }
-
-    /// Whether dirty pages are being logged (so `sgl_put` has work to do).
-    #[inline(always)]
-    pub fn logging(&self) -> bool {
-        self.logging_page_size.load(Ordering::Acquire) != 0
     }
 
     /// [`Self::addr_to_sgl`] past the lock-free copy: the thread's
@@ -296,7 +177,11 @@ impl DmaController {
         // region, or refused) go the long way, for their errno.
         let mut known = 0;
         for (sg, out) in sgl.iter().zip(iov.iter_mut()) {
-            let Some(addr) = self.sg_addr_fast(sg).or_else(|| self.sg_addr_snap(sg)) else {
+            let Some(addr) = self
+                .snap
+                .sg_addr(sg)
+                .or_else(|| self.snap.sg_addr_searched(sg))
+            else {
                 break;
             };
             out.iov_base = addr;
@@ -353,7 +238,7 @@ impl DmaController {
     /// otherwise: one load). Invalid entries are ignored.
     #[inline]
     pub fn sgl_mark_dirty(&self, sgl: &[DmaSg]) {
-        if self.logging_page_size.load(Ordering::Acquire) != 0 {
+        if self.snap.logging_page_size.load(Ordering::Acquire) != 0 {
             self.sgl_mark_dirty_logging(sgl);
         }
     }
@@ -743,7 +628,7 @@ mod tests {
                 hint,
                 ..DmaSg::default()
             };
-            assert_eq!(dma.sg_addr_fast(&empty), None);
+            assert_eq!(dma.snap.sg_addr(&empty), None);
             assert_eq!(dma.sgl_get(&[empty], &mut iov), Err(Errno::EINVAL));
         }
     }
