@@ -261,3 +261,52 @@ report(const char *row, const char *lib, double *v, double *extra, double *calls
     printf("\n");
 }
 
+
+/* What report_paired() computed, printed by print_paired(). */
+static char paired_text[2048];
+
+void
+report_paired(double calls[][64], const double *stub, int n, int nlibs)
+{
+    double own[MAX_LIBS][64], v[64];
+    size_t len = 0;
+
+    for (int i = 0; i < nlibs; i++) {
+        for (int r = 0; r < n; r++) {
+            own[i][r] = calls[i][r] - stub[r];
+        }
+    }
+    paired_text[0] = '\0';
+    for (int i = 0; i < nlibs && len < sizeof(paired_text); i++) {
+        struct stat3 s;
+
+        memcpy(v, own[i], sizeof(double) * (size_t)n);
+        s = stats(v, n);
+        len += (size_t)snprintf(paired_text + len, sizeof(paired_text) - len,
+                                "  %-32s %-12s %8.1f [%6.1f-%7.1f]\n",
+                                "calls beyond the stub", libs[i].name, s.med, s.min, s.max);
+    }
+    for (int i = 1; i < nlibs && len < sizeof(paired_text); i++) {
+        struct stat3 c, o;
+
+        for (int r = 0; r < n; r++) {
+            v[r] = calls[0][r] / calls[i][r];
+        }
+        c = stats(v, n);
+        for (int r = 0; r < n; r++) {
+            v[r] = own[i][r] > 0 ? own[0][r] / own[i][r] : 0;
+        }
+        o = stats(v, n);
+        len += (size_t)snprintf(paired_text + len, sizeof(paired_text) - len,
+                                "  %s / %s, paired per round: calls only %.2fx [%.2f-%.2f],"
+                                " beyond the stub %.2fx [%.2f-%.2f]\n",
+                                libs[0].name, libs[i].name, c.med, c.min, c.max, o.med,
+                                o.min, o.max);
+    }
+}
+
+void
+print_paired(void)
+{
+    fputs(paired_text, stdout);
+}

@@ -77,6 +77,11 @@ int send_version(int sock);
 int set_mig_state(int sock, uint32_t state);
 void print_header(void);
 void report(const char *row, const char *lib, double *v, double *extra, double *calls, int n);
+/* Per library, calls-only time beyond the stub's; per library after the
+ * first, the first's time over its own, paired round by round. Computed
+ * before report() sorts the arrays, printed by print_paired(). */
+void report_paired(double calls[][64], const double *stub, int n, int nlibs);
+void print_paired(void);
 
 /* mig_read.c */
 void bench_mig(void);
