@@ -27,6 +27,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -162,9 +163,11 @@ pub struct Context {
     irq_maskable: Cell<[bool; irq::NUM_IRQ_TYPES]>,
     irqs: OnceLock<Arc<Irqs>>,
     dma: OnceLock<Arc<DmaController>>,
-    /// The DMA controller's lock-free state (an empty copy until DMA is set
-    /// up), for the per-I/O C entry points: one load from the handle.
-    dma_snap: Arc<dma::Snapshot>,
+    /// The lock-free state of the DMA controller, for the per-I/O C entry
+    /// points (one load from the handle): the shared empty copy until DMA is
+    /// set up, then the controller's own, which `dma` keeps alive as long as
+    /// this context lives. Set once, by `setup_dma`.
+    dma_snap: AtomicPtr<dma::Snapshot>,
     pub(crate) dma_max_regions: Cell<usize>,
     pub(crate) migration: OnceCell<migration::Migration>,
     pub(crate) pending: RefCell<dispatch::Pending>,
@@ -240,7 +243,7 @@ impl Context {
             irq_maskable: Cell::new([false; irq::NUM_IRQ_TYPES]),
             irqs: OnceLock::new(),
             dma: OnceLock::new(),
-            dma_snap: Arc::default(),
+            dma_snap: AtomicPtr::new(dma::Snapshot::empty() as *const _ as *mut _),
             dma_max_regions: Cell::new(0),
             migration: OnceCell::new(),
             pending: RefCell::new(dispatch::Pending::None),
@@ -439,16 +442,18 @@ impl Context {
         register: Option<DmaCb>,
         unregister: Option<DmaCb>,
     ) -> Result<()> {
+        let snap = Arc::new(dma::Snapshot::new());
+        let fast = Arc::as_ptr(&snap) as *mut dma::Snapshot;
         if self
             .dma
-            .set(Arc::new(DmaController::with_snapshot(
-                max_regions,
-                self.dma_snap.clone(),
-            )))
+            .set(Arc::new(DmaController::with_snapshot(max_regions, snap)))
             .is_err()
         {
             return Err(Errno::EEXIST);
         }
+        // After the controller is in place: whoever sees this pointer sees
+        // a copy that lives as long as the context.
+        self.dma_snap.store(fast, Ordering::Release);
         self.dma_max_regions.set(max_regions);
         let mut c = self.cbs.borrow_mut();
         c.dma_register = register;
@@ -641,7 +646,13 @@ impl Context {
     /// The lock-free state of the DMA controller (`dma/fast.rs`): empty
     /// until DMA is set up. Usable from any thread.
     pub(crate) fn dma_snapshot(&self) -> &dma::Snapshot {
-        &self.dma_snap
+        let p = self.dma_snap.load(Ordering::Acquire);
+        // SAFETY: `p` is the static empty copy or, once `setup_dma` stored
+        // it, the copy owned by this context's DMA controller, which `dma`
+        // (a `OnceLock`, never emptied) keeps alive until the context is
+        // dropped; the borrow returned cannot outlive `&self`. The copy is
+        // only ever accessed through shared references (atomics).
+        unsafe { &*p }
     }
 
     /// Whether a client is attached.

@@ -2,11 +2,12 @@
 //! (`vfu_addr_to_sgl`, `vfu_sgl_get`, `vfu_sgl_put` of one entry), answered
 //! from the lock-free copy of a small table (`snap.rs`) alone.
 //!
-//! The context holds the copy directly (it shares it with its controller),
-//! so the C entry points reach it with one load from the handle, before the
-//! panic guard and whether or not DMA is set up: an empty copy answers
-//! nothing, and the caller then takes the controller's full path, which is
-//! always right and gives the errno.
+//! The context keeps a pointer to the copy (`Context::dma_snapshot`: a
+//! static empty copy until DMA is set up, then its controller's), so the C
+//! entry points reach it with one load from the handle, before the panic
+//! guard and whether or not DMA is set up: an empty copy answers nothing,
+//! and the caller then takes the controller's full path, which is always
+//! right and gives the errno.
 //!
 //! These paths never panic, never dereference a local address and load
 //! each field only when it is needed, in the order it is needed, so that

@@ -76,7 +76,7 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    fn empty() -> Self {
+    const fn empty() -> Self {
         Slot {
             len: AtomicU64::new(0),
             id: AtomicUsize::new(0),
@@ -158,13 +158,20 @@ impl View<'_> {
 
 impl Snapshot {
     /// An empty copy (no regions: consistent and present).
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         Snapshot {
             state: AtomicU64::new(0),
             logging_page_size: AtomicU64::new(0),
-            slots: std::array::from_fn(|_| Slot::empty()),
-            starts: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            slots: [const { Slot::empty() }; CAPACITY],
+            starts: [const { AtomicU64::new(u64::MAX) }; CAPACITY],
         }
+    }
+
+    /// An empty copy shared by every context without DMA (never published
+    /// to: it answers nothing, and logging is off).
+    pub fn empty() -> &'static Snapshot {
+        static EMPTY: Snapshot = Snapshot::new();
+        &EMPTY
     }
 
     /// Replaces the copy with the `n` regions `entries` yields (in ascending
