@@ -602,4 +602,74 @@ mod tests {
         assert_eq!(report(), 0);
         vfu_destroy_ctx(h);
     }
+
+    #[test]
+    fn threads_use_the_entry_points_while_regions_come_and_go() {
+        // The thread-safety promise of the per-I/O entry points, through
+        // the C ABI (and under ThreadSanitizer, which runs these tests):
+        // while the main thread maps and unmaps regions, a region that
+        // stays always translates, and its address never changes; entries
+        // of regions that come and go get an answer or an errno.
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let h = handle("threads", Some(16));
+        // Above the regions that come and go, so that its position in the
+        // lock-free copy moves as they do (its slot is rewritten under the
+        // readers).
+        let base = 0x1000_0000u64;
+        dma(h)
+            .add_region(base, 4 * PAGE, Some(memfd(4 * PAGE)), 0, PROT_RW, false)
+            .unwrap();
+        let want = get(h, &translate(h, base + 8, 8, PROT_RW).1).1.iov_base as usize;
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = if cfg!(debug_assertions) {
+            2_000
+        } else {
+            20_000
+        };
+        // The handle crosses threads as a number, as a C program's would.
+        let hs = h as usize;
+        let workers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let h = hs as *mut vfu_ctx;
+                    let mut n = 0u64;
+                    while n < rounds || !stop.load(Ordering::Relaxed) {
+                        let (r, sg, _) = translate(h, base + 8, 8, PROT_RW);
+                        assert_eq!(r, 1);
+                        let (r, iov, _) = get(h, &sg);
+                        assert_eq!((r, iov.iov_base as usize), (0, want));
+                        vfu_sgl_put(h, &sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+                        let churn = 0x100_0000 + ((n + t) % 8) * 0x1_0000;
+                        let (r, sg, e) = translate(h, churn, 8, PROT_RW);
+                        if r == 1 {
+                            let (r, _, e) = get(h, &sg);
+                            assert!(r == 0 || (r == -1 && e == libc::EINVAL), "{r} {e}");
+                        } else {
+                            assert_eq!((r, e), (-1, libc::ENOENT));
+                        }
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        let fd = memfd(PAGE);
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        let mut k = 0u64;
+        while k < 200 || std::time::Instant::now() < until {
+            k += 1;
+            let iova = 0x100_0000 + (k % 8) * 0x1_0000;
+            let _ = dma(h).add_region(iova, PAGE, Some(fd.try_clone().unwrap()), 0, PROT_RW, false);
+            if k % 3 != 0 {
+                let _ = dma(h).remove_region(iova, PAGE);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        vfu_destroy_ctx(h);
+    }
 }
