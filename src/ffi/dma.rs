@@ -150,7 +150,6 @@ pub extern "C" fn vfu_sgl_get(
 /// [`vfu_sgl_get`] of one entry past its fast path (out of line).
 #[inline(never)]
 extern "C" fn sgl_get_one(vfu_ctx: *mut vfu_ctx_t, sgl: *mut dma_sg_t, iov: *mut iovec) -> c_int {
-    // Like upstream's release build, `flags` is not checked.
     sgl_get_full(vfu_ctx, sgl, iov, 1, 0)
 }
 
@@ -325,6 +324,18 @@ mod tests {
         handle_ref(h).unwrap().dma().unwrap()
     }
 
+    /// Maps `len` bytes of a new memfd at `iova`, read-write.
+    fn map(h: *mut vfu_ctx, iova: u64, len: u64) {
+        dma(h)
+            .add_region(iova, len, Some(memfd(len)), 0, PROT_RW, false)
+            .unwrap();
+    }
+
+    /// `vfu_sgl_put` of one entry.
+    fn put(h: *mut vfu_ctx, sg: &DmaSg) {
+        vfu_sgl_put(h, sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+    }
+
     fn no_iov() -> iovec {
         iovec {
             iov_base: std::ptr::null_mut(),
@@ -402,7 +413,7 @@ mod tests {
                 let (r, other, _) = get(h, &DmaSg { hint, ..sg });
                 assert_eq!((r, other.iov_base), (0, iov.iov_base), "hint {hint}");
             }
-            vfu_sgl_put(h, &sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+            put(h, &sg);
         }
         // Errors, each from the full path.
         let r1 = 0x10_0000u64;
@@ -522,7 +533,7 @@ mod tests {
             };
             assert_eq!(get(h, &forged).2, libc::EINVAL);
         }
-        vfu_sgl_put(h, &sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+        put(h, &sg);
         vfu_destroy_ctx(h);
     }
 
@@ -576,11 +587,7 @@ mod tests {
     fn put_marks_written_pages_while_logging() {
         let h = handle("dirty", Some(4));
         let base = 0x10_0000u64;
-        dma(h)
-            .add_region(base, 16 * PAGE, Some(memfd(16 * PAGE)), 0, PROT_RW, false)
-            .unwrap();
-        let put =
-            |sg: &DmaSg| vfu_sgl_put(h, sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+        map(h, base, 16 * PAGE);
         let report = || {
             let mut bm = vec![0u8; bitmap_size(16 * PAGE, PAGE).unwrap()];
             dma(h)
@@ -589,15 +596,15 @@ mod tests {
             u16::from_le_bytes([bm[0], bm[1]])
         };
         // Not logging: put has nothing to do.
-        put(&translate(h, base, 8, PROT_RW).1);
+        put(h, &translate(h, base, 8, PROT_RW).1);
         dma(h).logging_start(PAGE, &[]).unwrap();
         assert_eq!(report(), 0);
-        put(&translate(h, base + 3 * PAGE, 8, PROT_RW).1);
-        put(&translate(h, base + 5 * PAGE, 8, libc::PROT_READ).1);
-        put(&translate(h, base + 7 * PAGE - 4, 8, PROT_RW).1);
+        put(h, &translate(h, base + 3 * PAGE, 8, PROT_RW).1);
+        put(h, &translate(h, base + 5 * PAGE, 8, libc::PROT_READ).1);
+        put(h, &translate(h, base + 7 * PAGE - 4, 8, PROT_RW).1);
         assert_eq!(report(), 1 << 3 | 1 << 6 | 1 << 7);
         dma(h).logging_stop().unwrap();
-        put(&translate(h, base + 9 * PAGE, 8, PROT_RW).1);
+        put(h, &translate(h, base + 9 * PAGE, 8, PROT_RW).1);
         dma(h).logging_start(PAGE, &[]).unwrap();
         assert_eq!(report(), 0);
         vfu_destroy_ctx(h);
@@ -618,9 +625,7 @@ mod tests {
         // lock-free copy moves as they do (its slot is rewritten under the
         // readers).
         let base = 0x1000_0000u64;
-        dma(h)
-            .add_region(base, 4 * PAGE, Some(memfd(4 * PAGE)), 0, PROT_RW, false)
-            .unwrap();
+        map(h, base, 4 * PAGE);
         let want = get(h, &translate(h, base + 8, 8, PROT_RW).1).1.iov_base as usize;
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = if cfg!(debug_assertions) {
@@ -641,7 +646,7 @@ mod tests {
                         assert_eq!(r, 1);
                         let (r, iov, _) = get(h, &sg);
                         assert_eq!((r, iov.iov_base as usize), (0, want));
-                        vfu_sgl_put(h, &sg as *const DmaSg as *mut dma_sg_t, &mut no_iov(), 1);
+                        put(h, &sg);
                         let churn = 0x100_0000 + ((n + t) % 8) * 0x1_0000;
                         let (r, sg, e) = translate(h, churn, 8, PROT_RW);
                         if r == 1 {

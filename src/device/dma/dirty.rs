@@ -205,7 +205,7 @@ impl DmaController {
     /// Marks the pages of `[iova, iova + len)` dirty in every logged region
     /// the range touches (for writes the server performs by other means).
     pub fn mark_dirty_range(&self, iova: u64, len: u64) {
-        if len == 0 || self.snap.logging_page_size.load(Ordering::Acquire) == 0 {
+        if len == 0 || !self.snap.logging() {
             return;
         }
         let inner = self.table();
@@ -283,7 +283,7 @@ impl DmaController {
 
     /// Whether dirty page logging is on.
     pub fn logging_active(&self) -> bool {
-        self.snap.logging_page_size.load(Ordering::Acquire) != 0
+        self.snap.logging()
     }
 
     /// The logging page size, when logging.

@@ -238,7 +238,7 @@ impl DmaController {
     /// otherwise: one load). Invalid entries are ignored.
     #[inline]
     pub fn sgl_mark_dirty(&self, sgl: &[DmaSg]) {
-        if self.snap.logging_page_size.load(Ordering::Acquire) != 0 {
+        if self.snap.logging() {
             self.sgl_mark_dirty_logging(sgl);
         }
     }
