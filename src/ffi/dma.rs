@@ -518,6 +518,82 @@ mod tests {
     }
 
     #[test]
+    fn one_region_on_its_own_path() {
+        // One region is translated without a search, at slot 0's fixed
+        // place: the same answers and errnos as with several.
+        let h = handle("one", Some(8));
+        let base = 0x20_0000u64;
+        let fd = memfd(4 * PAGE);
+        dma(h)
+            .add_region(base, 4 * PAGE, Some(fd), 0, libc::PROT_READ, false)
+            .unwrap();
+        let (r, sg, _) = translate(h, base + 4 * PAGE - 8, 8, libc::PROT_READ);
+        assert_eq!((r, sg.dma_addr as u64, sg.offset), (1, base, 4 * PAGE - 8));
+        assert!(!sg.writeable);
+        let (r, iov, _) = get(h, &sg);
+        assert_eq!((r, iov.iov_len), (0, 8));
+        assert_eq!(
+            translate(h, base + 4 * PAGE - 8, 9, libc::PROT_READ).2,
+            libc::ENOENT
+        );
+        assert_eq!(translate(h, base - 1, 1, libc::PROT_READ).2, libc::ENOENT);
+        assert_eq!(
+            translate(h, base + 4 * PAGE, 1, libc::PROT_READ).2,
+            libc::ENOENT
+        );
+        assert_eq!(translate(h, base, 8, PROT_RW).2, libc::EACCES);
+        assert_eq!(translate(h, base, 0, libc::PROT_READ).0, 0);
+        // What sgl_get checks in one load: the writeable bit of a read-only
+        // region, the length and the offset.
+        for (b, e) in [
+            (
+                DmaSg {
+                    writeable: true,
+                    ..sg
+                },
+                libc::EACCES,
+            ),
+            (DmaSg { length: 9, ..sg }, libc::EINVAL),
+            (
+                DmaSg {
+                    offset: 4 * PAGE,
+                    length: 1,
+                    ..sg
+                },
+                libc::EINVAL,
+            ),
+        ] {
+            assert_eq!(get(h, &b).0, -1, "{b:?}");
+            assert_eq!(get(h, &b).2, e, "{b:?}");
+        }
+        // An empty entry is handed out empty (by the full path), as
+        // upstream does.
+        let (r, iov, _) = get(h, &DmaSg { length: 0, ..sg });
+        assert_eq!((r, iov.iov_len), (0, 0));
+        // A region without a mapping in this process is translated, and
+        // sgl_get gives EFAULT.
+        dma(h)
+            .add_region(0x30_0000, PAGE, None, 0, PROT_RW, false)
+            .unwrap();
+        dma(h).remove_region(base, 4 * PAGE).unwrap();
+        let (r, unmapped, _) = translate(h, 0x30_0008, 8, PROT_RW);
+        assert_eq!((r, unmapped.offset), (1, 8));
+        assert_eq!(get(h, &unmapped).2, libc::EFAULT);
+        assert_eq!(get(h, &sg).2, libc::EINVAL);
+        // A second region below the first moves it out of slot 0: its entry
+        // is found by search, and new translations search too.
+        let fd = memfd(PAGE);
+        dma(h)
+            .add_region(0x10_0000, PAGE, Some(fd), 0, PROT_RW, false)
+            .unwrap();
+        assert_eq!(get(h, &unmapped).2, libc::EFAULT);
+        let (r, low, _) = translate(h, 0x10_0010, 16, PROT_RW);
+        assert_eq!((r, low.dma_addr as u64, low.offset), (1, 0x10_0000, 16));
+        assert_eq!(get(h, &low).0, 0);
+        vfu_destroy_ctx(h);
+    }
+
+    #[test]
     fn a_context_without_dma() {
         // The fast paths read an empty copy and leave the answer to the
         // full path: EINVAL, as upstream.

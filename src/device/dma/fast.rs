@@ -20,15 +20,36 @@ use super::*;
 impl Snapshot {
     /// The fastest translation: a non-empty range inside one region that
     /// allows `prot` is a search of a small sorted array, without lock or
-    /// hashing. Fills `sg` and returns true; false when the full path
-    /// (`DmaController::addr_to_sgl`) must answer, errors included (`sg` may
-    /// then hold anything).
+    /// hashing (with one region, no search at all). Fills `sg` and returns
+    /// true; false when the full path (`DmaController::addr_to_sgl`) must
+    /// answer, errors included (`sg` may then hold anything).
     #[inline(always)]
     pub fn translate(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
-        let Some((state, n)) = self.begin() else {
+        let state = self.state();
+        // SPDK's usual case, one region, on a path of its own: slot 0 at
+        // fixed offsets, no count to decode.
+        if Snapshot::single(state) {
+            return self.translate_in(0, state, iova, len, sg, prot);
+        }
+        let Some((state, n)) = self.begin_at(state) else {
             return false;
         };
         let i = self.search(n, iova);
+        self.translate_in(i, state, iova, len, sg, prot)
+    }
+
+    /// [`Self::translate`] in entry `i` (`i < CAPACITY`), the one whose
+    /// start is the last at or below `iova`, of a copy read at `state`.
+    #[inline(always)]
+    fn translate_in(
+        &self,
+        i: usize,
+        state: u64,
+        iova: u64,
+        len: u64,
+        sg: &mut DmaSg,
+        prot: i32,
+    ) -> bool {
         // `sg` is filled as the values arrive, so that each dies at once
         // (a C call leaves few registers); on a failed check the full path
         // fills it again.
@@ -52,11 +73,10 @@ impl Snapshot {
         }
         sg.length = len;
         // Asking for write access to a region without it: one test.
-        let write = prot & libc::PROT_WRITE;
-        if write as u64 & !slot.prot.load(Ordering::Relaxed) != 0 {
+        if prot as u64 & slot.nowrite.load(Ordering::Relaxed) != 0 {
             return false;
         }
-        sg.writeable = write != 0;
+        sg.writeable = prot & libc::PROT_WRITE != 0;
         sg.region = slot.id.load(Ordering::Relaxed);
         self.valid(state)
     }
@@ -71,28 +91,31 @@ impl Snapshot {
     pub fn sg_addr(&self, sg: &DmaSg) -> Option<*mut c_void> {
         // No count needed: every slot past the entries (all of them in an
         // empty or absent copy) is cleared by `publish` (start u64::MAX,
-        // identifier 0, not mapped), and no live entry has identifier 0, so
-        // a wrong hint finds a slot whose identity check below fails, or
-        // one that is not mapped.
+        // identifier 0, nothing to hand out), and no live entry has
+        // identifier 0, so a wrong hint finds a slot whose identity check
+        // below fails.
         let state = self.stable()?;
-        let i = usize::from(sg.hint);
-        if !self.is(i, sg.dma_addr as usize as u64, sg.region) {
+        let slot = self.slot(usize::from(sg.hint));
+        if slot.start.load(Ordering::Relaxed) != sg.dma_addr as usize as u64
+            || slot.id.load(Ordering::Relaxed) != sg.region
+        {
             return None;
         }
-        let slot = self.slot(i);
-        // offset + length <= the region's length, without overflow.
-        let room = slot.len.load(Ordering::Relaxed).checked_sub(sg.length)?;
-        if sg.offset > room {
-            return None;
-        }
-        if sg.writeable && !slot.writable() {
+        // What the entry may be handed: 0 when the region is not mapped,
+        // or the entry asks to write and the region is read-only; so one
+        // bounds check covers all three.
+        let have = slot.get_len[usize::from(sg.writeable)].load(Ordering::Relaxed);
+        // offset < have and 1 <= length <= have - offset (a zero length
+        // wraps to u64::MAX), without overflow.
+        let room = match have.checked_sub(sg.offset) {
+            Some(r) if r > 0 => r,
+            _ => return None,
+        };
+        if sg.length.wrapping_sub(1) >= room {
             return None;
         }
         // Loaded last, as it is needed last (registers again).
         let vaddr = slot.vaddr.load(Ordering::Relaxed);
-        if vaddr == 0 {
-            return None;
-        }
         if !self.valid(state) {
             return None;
         }
@@ -130,5 +153,122 @@ impl Snapshot {
     #[inline(always)]
     pub fn logging(&self) -> bool {
         self.logging_page_size.load(Ordering::Acquire) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snap::Entry;
+    use super::*;
+
+    const W: i32 = libc::PROT_WRITE;
+    const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+    fn entry(start: u64, len: u64, id: usize, vaddr: usize, prot: i32) -> Entry {
+        Entry {
+            start,
+            len,
+            id,
+            vaddr,
+            prot,
+            slot: 0,
+        }
+    }
+
+    fn translated(snap: &Snapshot, iova: u64, len: u64, prot: i32) -> Option<DmaSg> {
+        let mut sg = DmaSg::default();
+        snap.translate(iova, len, &mut sg, prot).then_some(sg)
+    }
+
+    #[test]
+    fn one_entry_and_several_answer_alike_on_the_fast_path() {
+        // The single-entry path (slot 0, no search) and the searched one
+        // answer every case themselves, and refuse the same ones.
+        let a = entry(0x1_0000, 0x4000, 7, 0x7000_0000, libc::PROT_READ);
+        let below = entry(0x1000, 0x1000, 3, 0x6000_0000, RW);
+        for table in [vec![a], vec![below, a]] {
+            let snap = Snapshot::new();
+            snap.publish(table.len(), table.iter().copied());
+            let sg = translated(&snap, 0x1_3ff8, 8, libc::PROT_READ).expect("inside");
+            assert_eq!(
+                (sg.dma_addr as u64, sg.region, sg.offset, sg.length),
+                (0x1_0000, 7, 0x3ff8, 8)
+            );
+            assert_eq!(usize::from(sg.hint), table.len() - 1);
+            assert!(!sg.writeable);
+            assert_eq!(snap.sg_addr(&sg), Some(0x7000_3ff8 as *mut c_void));
+            for (iova, len, prot) in [
+                (0x1_3ff8, 9, libc::PROT_READ), // crosses the end
+                (0x1_4000, 1, libc::PROT_READ), // past the end
+                (0x1_0000, 0, libc::PROT_READ), // empty
+                (0x1_0000, 8, W),               // read-only
+            ] {
+                assert!(translated(&snap, iova, len, prot).is_none(), "{iova:#x}");
+            }
+            // Below the region: nothing with one entry, the lower one
+            // with two.
+            let low = translated(&snap, 0x1ff8, 8, RW).map(|sg| sg.region);
+            assert_eq!(low, (table.len() == 2).then_some(3));
+            // Each field of the entry is checked by sgl_get's fast path.
+            for bad in [
+                DmaSg {
+                    writeable: true,
+                    ..sg
+                },
+                DmaSg { length: 0, ..sg },
+                DmaSg { length: 9, ..sg },
+                DmaSg {
+                    offset: 0x4000,
+                    length: 1,
+                    ..sg
+                },
+                DmaSg {
+                    offset: u64::MAX,
+                    ..sg
+                },
+                DmaSg { region: 8, ..sg },
+                DmaSg {
+                    dma_addr: 0x1_0001 as *mut c_void,
+                    ..sg
+                },
+                DmaSg {
+                    hint: sg.hint ^ 1,
+                    ..sg
+                },
+            ] {
+                assert_eq!(snap.sg_addr(&bad), None, "{bad:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unmapped_and_read_only_regions_hand_out_nothing_to_write() {
+        // A region without a local mapping translates, but its entries get
+        // no address; a read-only one gives addresses only to readers.
+        let snap = Snapshot::new();
+        let table = [
+            entry(0x1000, 0x1000, 1, 0, RW),
+            entry(0x2000, 0x1000, 2, 0x5000_0000, libc::PROT_READ),
+            entry(0x3000, 0x1000, 3, 0x6000_0000, RW),
+        ];
+        snap.publish(3, table.iter().copied());
+        let unmapped = translated(&snap, 0x1000, 8, RW).unwrap();
+        assert_eq!(snap.sg_addr(&unmapped), None);
+        let ro = translated(&snap, 0x2010, 8, libc::PROT_READ).unwrap();
+        assert_eq!(snap.sg_addr(&ro), Some(0x5000_0010 as *mut c_void));
+        assert_eq!(
+            snap.sg_addr(&DmaSg {
+                writeable: true,
+                ..ro
+            }),
+            None
+        );
+        let rw = translated(&snap, 0x3ff0, 16, RW).unwrap();
+        assert!(rw.writeable);
+        assert_eq!(snap.sg_addr(&rw), Some(0x6000_0ff0 as *mut c_void));
+        // A table where the region moved: its slot is cleared, and the
+        // hint finds nothing (the searched path then finds it).
+        snap.publish(2, table[1..].iter().copied());
+        assert_eq!(snap.sg_addr(&rw), None);
     }
 }

@@ -6,7 +6,8 @@
 //! compares, touching no lock and writing no shared cache line. So, while a
 //! controller has at most [`CAPACITY`] regions, it keeps this copy of what
 //! the fast paths need of each (first address, length, identifier, local
-//! address, protection), sorted by first address, behind a sequence lock:
+//! address, protection, and what follows from them: see [`Slot`]), sorted
+//! by first address, behind a sequence lock:
 //!
 //! * One word, `state`, holds the number of entries (low 7 bits), a
 //!   "being rewritten" bit and a version above them, so that a reader learns
@@ -30,7 +31,7 @@
 //! guarantee a cached translation gives (see `tlb.rs`). The local addresses
 //! it hands out are never dereferenced here.
 //!
-//! The fast paths (`translate.rs`) load only the fields they need, in the
+//! The fast paths (`fast.rs`) load only the fields they need, in the
 //! order they need them, so that they fit in the registers a C call leaves
 //! free and save none: on SPDK's pattern every instruction here is paid on
 //! every I/O.
@@ -67,12 +68,26 @@ pub(crate) struct Entry {
 }
 
 /// One entry of the copy; readers load its fields one by one.
-#[repr(C)]
+///
+/// Besides the region's own fields it holds answers worked out once per
+/// table change, so that each per-I/O check is one load and one compare:
+/// `nowrite` and `get_len`. One slot is one cache line.
+#[repr(C, align(64))]
 pub(crate) struct Slot {
     pub len: AtomicU64,
     pub id: AtomicUsize,
     pub vaddr: AtomicUsize,
     pub prot: AtomicU64,
+    /// `PROT_WRITE` when the region may not be written, else 0: a
+    /// translation tests the `prot` it is asked for against it.
+    pub nowrite: AtomicU64,
+    /// The region's first address (as in the search array, which a
+    /// hinted check would have to index separately); `u64::MAX` when free.
+    pub start: AtomicU64,
+    /// How much of the region `sgl_get` may hand out, by the entry's
+    /// `writeable` (0: reading, 1: writing): its length when it is mapped
+    /// (and, for writing, writable), else 0.
+    pub get_len: [AtomicU64; 2],
 }
 
 impl Slot {
@@ -82,13 +97,36 @@ impl Slot {
             id: AtomicUsize::new(0),
             vaddr: AtomicUsize::new(0),
             prot: AtomicU64::new(0),
+            nowrite: AtomicU64::new(0),
+            start: AtomicU64::new(u64::MAX),
+            get_len: [const { AtomicU64::new(0) }; 2],
         }
     }
 
+    /// Fills the slot with entry `e`, or clears it (`None`: matches no
+    /// entry, contains nothing, hands out nothing).
+    fn store(&self, e: Option<&Entry>) {
+        let (start, len, id, vaddr, prot) = e.map_or((u64::MAX, 0, 0, 0, 0), |e| {
+            (e.start, e.len, e.id, e.vaddr, e.prot)
+        });
+        let writable = prot & libc::PROT_WRITE != 0;
+        let mapped_len = if vaddr != 0 { len } else { 0 };
+        self.len.store(len, Ordering::Relaxed);
+        self.id.store(id, Ordering::Relaxed);
+        self.vaddr.store(vaddr, Ordering::Relaxed);
+        self.prot.store(prot as u32 as u64, Ordering::Relaxed);
+        let nowrite = if writable { 0 } else { libc::PROT_WRITE as u64 };
+        self.nowrite.store(nowrite, Ordering::Relaxed);
+        self.start.store(start, Ordering::Relaxed);
+        self.get_len[0].store(mapped_len, Ordering::Relaxed);
+        let write_len = if writable { mapped_len } else { 0 };
+        self.get_len[1].store(write_len, Ordering::Relaxed);
+    }
+
     /// Whether the slot's region is writable.
-    #[inline(always)]
+    #[cfg(test)]
     pub fn writable(&self) -> bool {
-        self.prot.load(Ordering::Relaxed) & libc::PROT_WRITE as u64 != 0
+        self.nowrite.load(Ordering::Relaxed) == 0
     }
 
     #[inline(always)]
@@ -107,9 +145,8 @@ impl Slot {
 
 /// The copy of a small region table; see the module documentation.
 ///
-/// Laid out for the caches: the state and the first slot share the first
-/// cache line, and the search array (which also holds each entry's start)
-/// comes last.
+/// Laid out for the caches: the state and the logging page size in the
+/// first cache line, one line per slot, and the search array last.
 #[repr(C, align(64))]
 pub(crate) struct Snapshot {
     /// Count, rewriting bit and version; see the module documentation.
@@ -187,11 +224,7 @@ impl Snapshot {
         if n <= CAPACITY {
             for (i, e) in entries.take(n).enumerate() {
                 self.starts[i].store(e.start, Ordering::Relaxed);
-                let slot = &self.slots[i];
-                slot.len.store(e.len, Ordering::Relaxed);
-                slot.id.store(e.id, Ordering::Relaxed);
-                slot.vaddr.store(e.vaddr, Ordering::Relaxed);
-                slot.prot.store(e.prot as u32 as u64, Ordering::Relaxed);
+                self.slots[i].store(Some(&e));
                 written += 1;
             }
         }
@@ -199,11 +232,7 @@ impl Snapshot {
         // stepped onto, never matched.
         for i in written..CAPACITY {
             self.starts[i].store(u64::MAX, Ordering::Relaxed);
-            let slot = &self.slots[i];
-            slot.len.store(0, Ordering::Relaxed);
-            slot.id.store(0, Ordering::Relaxed);
-            slot.vaddr.store(0, Ordering::Relaxed);
-            slot.prot.store(0, Ordering::Relaxed);
+            self.slots[i].store(None);
         }
         let count = if n > CAPACITY { ABSENT } else { written as u64 };
         let version = (s & !(COUNT | WRITING)).wrapping_add(VERSION);
@@ -216,7 +245,25 @@ impl Snapshot {
     /// locked path).
     #[inline(always)]
     pub fn begin(&self) -> Option<(u64, usize)> {
-        let s = self.state.load(Ordering::Acquire);
+        self.begin_at(self.state())
+    }
+
+    /// The state word, as [`Self::begin`] loads it.
+    #[inline(always)]
+    pub fn state(&self) -> u64 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Whether `state` (loaded by [`Self::state`]) is of a copy of exactly
+    /// one entry, not being rewritten (the case with no search).
+    #[inline(always)]
+    pub fn single(state: u64) -> bool {
+        state & (COUNT | WRITING) == 1
+    }
+
+    /// [`Self::begin`] of a state already loaded by [`Self::state`].
+    #[inline(always)]
+    pub fn begin_at(&self, s: u64) -> Option<(u64, usize)> {
         // One compare: a count of 0, the rewriting bit and the absent count
         // all fall outside 1..=CAPACITY.
         let n = (s & (COUNT | WRITING)) as usize;
@@ -424,6 +471,10 @@ mod tests {
             assert_eq!(slot.len.load(Ordering::Relaxed), 0);
             assert_eq!(slot.vaddr.load(Ordering::Relaxed), 0);
             assert!(!slot.writable());
+            assert_eq!(slot.start.load(Ordering::Relaxed), u64::MAX);
+            for get_len in &slot.get_len {
+                assert_eq!(get_len.load(Ordering::Relaxed), 0);
+            }
         }
         assert!(snap.valid(state));
         // The search never leaves the entries, even for the largest address.
