@@ -54,8 +54,58 @@ pub extern "C" fn vfu_addr_to_sgl(
     max_nr_sgs: size_t,
     prot: c_int,
 ) -> c_int {
-    // A range inside one of few regions: no guard needed, as the fast path
-    // cannot panic.
+    // A range inside the one region (SPDK's usual case): no guard needed,
+    // as the fast path cannot panic.
+    if max_nr_sgs > 0 {
+        if let (Some(snap), Ok([first, ..])) = (fast(vfu_ctx), sgl_mut(sgl, 1)) {
+            let state = snap.state();
+            if Snapshot::single(state) {
+                if snap.translate_one(state, dma_addr as u64, len as u64, first, prot) {
+                    return 1;
+                }
+                return addr_to_sgl_refused(vfu_ctx, len, sgl, max_nr_sgs, prot);
+            }
+        }
+    }
+    addr_to_sgl_many(vfu_ctx, dma_addr, len, sgl, max_nr_sgs, prot)
+}
+
+/// [`vfu_addr_to_sgl`] after the one-region path refused: the address
+/// asked for is in the first entry (so that the fast path needs not keep
+/// it in a register).
+#[inline(never)]
+extern "C" fn addr_to_sgl_refused(
+    vfu_ctx: *mut vfu_ctx_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
+    let dma_addr = match sgl_mut(sgl, 1) {
+        Ok([first, ..]) => (first.dma_addr as u64).wrapping_add(first.offset),
+        _ => 0,
+    };
+    addr_to_sgl_full(
+        vfu_ctx,
+        dma_addr as usize as vfu_dma_addr_t,
+        len,
+        sgl,
+        max_nr_sgs,
+        prot,
+    )
+}
+
+/// [`vfu_addr_to_sgl`] with several regions (out of line): a search of
+/// the lock-free copy, then the full path.
+#[inline(never)]
+extern "C" fn addr_to_sgl_many(
+    vfu_ctx: *mut vfu_ctx_t,
+    dma_addr: vfu_dma_addr_t,
+    len: size_t,
+    sgl: *mut dma_sg_t,
+    max_nr_sgs: size_t,
+    prot: c_int,
+) -> c_int {
     if max_nr_sgs > 0 && translate_fast(vfu_ctx, dma_addr, len, sgl, prot) {
         return 1;
     }

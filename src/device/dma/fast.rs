@@ -20,22 +20,32 @@ use super::*;
 impl Snapshot {
     /// The fastest translation: a non-empty range inside one region that
     /// allows `prot` is a search of a small sorted array, without lock or
-    /// hashing (with one region, no search at all). Fills `sg` and returns
+    /// hashing. Fills `sg` and returns
     /// true; false when the full path (`DmaController::addr_to_sgl`) must
     /// answer, errors included (`sg` may then hold anything).
     #[inline(always)]
     pub fn translate(&self, iova: u64, len: u64, sg: &mut DmaSg, prot: i32) -> bool {
-        let state = self.state();
-        // SPDK's usual case, one region, on a path of its own: slot 0 at
-        // fixed offsets, no count to decode.
-        if Snapshot::single(state) {
-            return self.translate_in(0, state, iova, len, sg, prot);
-        }
-        let Some((state, n)) = self.begin_at(state) else {
+        let Some((state, n)) = self.begin() else {
             return false;
         };
         let i = self.search(n, iova);
         self.translate_in(i, state, iova, len, sg, prot)
+    }
+
+    /// [`Self::translate`] in a copy of one entry (SPDK's usual case), read
+    /// at `state`, for which [`Snapshot::single`] holds: no search. When it
+    /// returns false, the address asked for is `sg.dma_addr + sg.offset`
+    /// (wrapping), so that the caller needs not keep it in a register.
+    #[inline(always)]
+    pub fn translate_one(
+        &self,
+        state: u64,
+        iova: u64,
+        len: u64,
+        sg: &mut DmaSg,
+        prot: i32,
+    ) -> bool {
+        self.translate_in(0, state, iova, len, sg, prot)
     }
 
     /// [`Self::translate`] in entry `i` (`i < CAPACITY`), the one whose
@@ -52,7 +62,8 @@ impl Snapshot {
     ) -> bool {
         // `sg` is filled as the values arrive, so that each dies at once
         // (a C call leaves few registers); on a failed check the full path
-        // fills it again.
+        // fills it again. The first address and the offset are stored
+        // before any check (see `translate_one`).
         sg.hint = i as u8; // i < CAPACITY <= 256
         let start = self.start(i);
         sg.dma_addr = start as usize as *mut c_void;
@@ -175,15 +186,30 @@ mod tests {
         }
     }
 
+    /// `Snapshot::translate`'s answer; for a copy of one entry, checked
+    /// against `translate_one`'s, which must leave the address asked for in
+    /// the entry when it refuses.
     fn translated(snap: &Snapshot, iova: u64, len: u64, prot: i32) -> Option<DmaSg> {
         let mut sg = DmaSg::default();
-        snap.translate(iova, len, &mut sg, prot).then_some(sg)
+        let found = snap.translate(iova, len, &mut sg, prot);
+        let state = snap.state();
+        if Snapshot::single(state) {
+            let mut one = DmaSg::default();
+            assert_eq!(snap.translate_one(state, iova, len, &mut one, prot), found);
+            if found {
+                assert_eq!(format!("{one:?}"), format!("{sg:?}"));
+            } else {
+                assert_eq!((one.dma_addr as u64).wrapping_add(one.offset), iova);
+            }
+        }
+        found.then_some(sg)
     }
 
     #[test]
     fn one_entry_and_several_answer_alike_on_the_fast_path() {
         // The single-entry path (slot 0, no search) and the searched one
-        // answer every case themselves, and refuse the same ones.
+        // answer every case themselves, and refuse the same ones (the
+        // helper compares the two with one entry).
         let a = entry(0x1_0000, 0x4000, 7, 0x7000_0000, libc::PROT_READ);
         let below = entry(0x1000, 0x1000, 3, 0x6000_0000, RW);
         for table in [vec![a], vec![below, a]] {

@@ -239,15 +239,6 @@ impl Snapshot {
         self.state.store(version | count, Ordering::Release);
     }
 
-    /// Starts a read: the state to check with [`Self::valid`] at the end,
-    /// and the number of entries, which is at least 1. `None` when the copy
-    /// is empty, absent or being rewritten (the caller then takes its
-    /// locked path).
-    #[inline(always)]
-    pub fn begin(&self) -> Option<(u64, usize)> {
-        self.begin_at(self.state())
-    }
-
     /// The state word, as [`Self::begin`] loads it.
     #[inline(always)]
     pub fn state(&self) -> u64 {
@@ -261,9 +252,13 @@ impl Snapshot {
         state & (COUNT | WRITING) == 1
     }
 
-    /// [`Self::begin`] of a state already loaded by [`Self::state`].
+    /// Starts a read: the state to check with [`Self::valid`] at the end,
+    /// and the number of entries, which is at least 1. `None` when the copy
+    /// is empty, absent or being rewritten (the caller then takes its
+    /// locked path).
     #[inline(always)]
-    pub fn begin_at(&self, s: u64) -> Option<(u64, usize)> {
+    pub fn begin(&self) -> Option<(u64, usize)> {
+        let s = self.state();
         // One compare: a count of 0, the rewriting bit and the absent count
         // all fall outside 1..=CAPACITY.
         let n = (s & (COUNT | WRITING)) as usize;
