@@ -372,6 +372,7 @@ struct job {
     pthread_barrier_t *bar;
     struct dev *dev; /* NULL: floor */
     bool copy;
+    uint64_t ios;
     double ns;
 };
 
@@ -382,38 +383,76 @@ job_thread(void *arg)
 
     pin(1);
     pthread_barrier_wait(j->bar);
-    j->ns = j->dev ? lib_loop(j->dev, 1, ios_per_round, j->copy)
-                   : floor_loop(1, ios_per_round);
+    j->ns = j->dev ? lib_loop(j->dev, 1, j->ios, j->copy) : floor_loop(1, j->ios);
     return NULL;
 }
 
 /*
- * Per-thread ns per I/O with `threads` threads (1 or 2) running `dev` (NULL:
- * the floor); without `copy`, only the library calls.
+ * Per-thread ns per I/O of `ios` I/Os with `threads` threads (1 or 2)
+ * running `dev` (NULL: the floor); without `copy`, only the library calls.
  */
 static double
-measure(struct dev *dev, int threads, bool copy)
+measure_n(struct dev *dev, int threads, bool copy, uint64_t ios)
 {
     pthread_barrier_t bar;
     pthread_t t;
-    struct job j = { .bar = &bar, .dev = dev, .copy = copy };
+    struct job j = { .bar = &bar, .dev = dev, .copy = copy, .ios = ios };
     double ns;
 
     if (threads == 1) {
-        return dev ? lib_loop(dev, 0, ios_per_round, copy) : floor_loop(0, ios_per_round);
+        return dev ? lib_loop(dev, 0, ios, copy) : floor_loop(0, ios);
     }
     pthread_barrier_init(&bar, NULL, 2);
     if (pthread_create(&t, NULL, job_thread, &j) != 0) {
         die("pthread_create");
     }
     pthread_barrier_wait(&bar);
-    ns = dev ? lib_loop(dev, 0, ios_per_round, copy) : floor_loop(0, ios_per_round);
+    ns = dev ? lib_loop(dev, 0, ios, copy) : floor_loop(0, ios);
     pthread_join(t, NULL);
     pthread_barrier_destroy(&bar);
     if (ns < 0 || j.ns < 0) {
         return -1;
     }
     return (ns + j.ns) / 2;
+}
+
+/* measure_n() of a round's worth of I/Os. */
+static double
+measure(struct dev *dev, int threads, bool copy)
+{
+    return measure_n(dev, threads, copy, ios_per_round);
+}
+
+/*
+ * One round of the calls-only rows: the stub and every library, each for a
+ * round's worth of I/Os, taken in SLICES interleaved slices (the order of
+ * the libraries rotating from slice to slice), so that a slow spell of the
+ * machine (a neighbour, a frequency change) falls on all of them alike.
+ * Their per-I/O times go to *stub and calls[i].
+ */
+#define SLICES 20
+static void
+measure_calls(int threads, double *stub, double *calls)
+{
+    uint64_t ios = ios_per_round / SLICES;
+    double s = 0, c[MAX_LIBS] = { 0 };
+
+    for (int z = 0; z < SLICES; z++) {
+        s += measure_n(&stub_dev, threads, false, ios);
+        for (int k = 0; k < nr_libs; k++) {
+            int i = (k + z) % nr_libs;
+            double x = measure_n(&devs[i], threads, false, ios);
+
+            if (x < 0) {
+                exit(1);
+            }
+            c[i] += x;
+        }
+    }
+    *stub = s / SLICES;
+    for (int i = 0; i < nr_libs; i++) {
+        calls[i] = c[i] / SLICES;
+    }
 }
 
 static void
@@ -441,18 +480,21 @@ bench_io(int n)
         for (int r = 0; r < rounds; r++) {
             double f = measure(NULL, th, true);
 
+            double c[MAX_LIBS];
+
             floor_ns[th - 1][r] = f;
-            stub_ns[th - 1][r] = measure(&stub_dev, th, false);
             for (int i = 0; i < nr_libs; i++) {
                 double x = measure(&devs[i], th, true);
-                double c = measure(&devs[i], th, false);
 
-                if (x < 0 || c < 0) {
+                if (x < 0) {
                     exit(1);
                 }
                 lib_ns[th - 1][i][r] = x;
                 beyond[th - 1][i][r] = x - f;
-                calls[th - 1][i][r] = c;
+            }
+            measure_calls(th, &stub_ns[th - 1][r], c);
+            for (int i = 0; i < nr_libs; i++) {
+                calls[th - 1][i][r] = c[i];
             }
         }
         snprintf(row, sizeof(row), "%d region%s, %d thread%s", n, n > 1 ? "s" : "",
