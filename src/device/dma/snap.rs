@@ -217,6 +217,13 @@ impl Snapshot {
     /// caller must exclude other writers (it holds the table's write lock).
     pub fn publish(&self, n: usize, entries: impl Iterator<Item = Entry>) {
         let s = self.state.load(Ordering::Relaxed);
+        if n > CAPACITY && s & (COUNT | WRITING) == ABSENT {
+            // Absent and staying so: every slot is already cleared, and no
+            // reader can tell one absent copy from another. (A table of
+            // many regions changes on every map and unmap: this spares
+            // each of them a rewrite of all the slots.)
+            return;
+        }
         self.state.store(s | WRITING, Ordering::Relaxed);
         // Readers that see any store below also see the rewriting bit.
         fence(Ordering::Release);
@@ -524,6 +531,10 @@ mod tests {
         snap.publish(3, (1..4).map(|i| e(i * 0x1000, 0x800, i as usize)));
         snap.publish(CAPACITY + 1, std::iter::empty());
         assert!(snap.stable().is_some());
+        // Staying absent rewrites nothing (not even the state).
+        let absent = snap.state();
+        snap.publish(CAPACITY + 2, std::iter::empty());
+        assert_eq!(snap.state(), absent);
         for i in 0..CAPACITY {
             assert!(!snap.is(i, (i as u64 + 1) * 0x1000, i + 1));
             assert_eq!(snap.slot(i).vaddr.load(Ordering::Relaxed), 0);
