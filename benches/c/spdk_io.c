@@ -25,7 +25,10 @@
  * and the floor is the same 4 KiB memcpy from the same addresses (through
  * the client's own mapping of the same pages), timed in the same rounds.
  * Reported: ns per I/O, and the library's cost beyond the floor, for one
- * thread and for two threads on two CPUs.
+ * thread and for two threads on two CPUs. The calls alone (no copy) are
+ * also timed, for a stub library of three functions that return at once
+ * and for each library, in interleaved slices of each round, with the
+ * library's cost beyond the stub and ratios paired round by round.
  *
  * Two more rows: vfu_run_ctx on an attached non-blocking context with nothing
  * pending (SPDK polls it), and VFIO_USER_MIG_DATA_READ of 1 MiB chunks round
