@@ -107,9 +107,7 @@ impl Snapshot {
         // below fails.
         let state = self.stable()?;
         let slot = self.slot(usize::from(sg.hint));
-        if slot.start.load(Ordering::Relaxed) != sg.dma_addr as usize as u64
-            || slot.id.load(Ordering::Relaxed) != sg.region
-        {
+        if !slot.is(sg.dma_addr as usize as u64, sg.region) {
             return None;
         }
         // What the entry may be handed: 0 when the region is not mapped,

@@ -103,6 +103,13 @@ impl Slot {
         }
     }
 
+    /// Whether the slot holds region `id` starting at `start` (never true
+    /// of a cleared slot: no live region has identifier 0).
+    #[inline(always)]
+    pub fn is(&self, start: u64, id: usize) -> bool {
+        self.start.load(Ordering::Relaxed) == start && self.id.load(Ordering::Relaxed) == id
+    }
+
     /// Fills the slot with entry `e`, or clears it (`None`: matches no
     /// entry, contains nothing, hands out nothing).
     fn store(&self, e: Option<&Entry>) {
@@ -278,7 +285,7 @@ impl Snapshot {
     /// cleared, so a hint finds nothing there.
     #[inline(always)]
     pub fn stable(&self) -> Option<u64> {
-        let s = self.state.load(Ordering::Acquire);
+        let s = self.state();
         (s & WRITING == 0).then_some(s)
     }
 
@@ -306,10 +313,10 @@ impl Snapshot {
     }
 
     /// Whether entry `i` (modulo [`CAPACITY`]) is region `id` starting at
-    /// `start`.
+    /// `start` ([`Slot::is`]).
     #[inline(always)]
     pub fn is(&self, i: usize, start: u64, id: usize) -> bool {
-        self.start(i) == start && self.slot(i).id.load(Ordering::Relaxed) == id
+        self.slot(i).is(start, id)
     }
 
     /// The whole of entry `i` (modulo [`CAPACITY`]).
